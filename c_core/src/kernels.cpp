@@ -1,0 +1,289 @@
+#include "kernels.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common.hpp"
+
+namespace llaisys::kernels {
+namespace {
+
+// 16-lane vectors through GCC vector extensions: AVX-512 with -march=native, narrower
+// instructions in a portable build, and the same arithmetic order everywhere.
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+typedef _Float16 v16h __attribute__((vector_size(32)));
+
+constexpr int32_t kLanes = 16;
+
+// Loaders turn 16 stored elements into f32 lanes.
+struct F32 {
+    using T = float;
+    static v16f load(const T *p) {
+        v16f v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
+};
+struct BF16 {
+    using T = uint16_t;
+    static v16f load(const T *p) {
+        v16u16 h;
+        std::memcpy(&h, p, sizeof h);
+        v16u32 bits = __builtin_convertvector(h, v16u32) << 16;
+        v16f v;
+        std::memcpy(&v, &bits, sizeof v);
+        return v;
+    }
+};
+struct F16 {
+    using T = uint16_t;
+    static v16f load(const T *p) {
+        v16h h;
+        std::memcpy(&h, p, sizeof h);
+        return __builtin_convertvector(h, v16f);
+    }
+};
+
+// Load the last k % 16 elements, zero-padded; zeros add nothing to a dot product.
+template <class L> v16f load_tail(const typename L::T *p, int32_t count) {
+    typename L::T tmp[kLanes] = {};
+    std::memcpy(tmp, p, sizeof(typename L::T) * size_t(count));
+    return L::load(tmp);
+}
+
+// The fixed reduction of 16 lanes: halving pairwise sums.
+inline float hsum(v16f v) {
+    float t[kLanes];
+    std::memcpy(t, &v, sizeof t);
+    for (int w = kLanes / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) t[i] += t[i + w];
+    return t[0];
+}
+
+// An MR x NR tile of y: each element is one dot product over k, lanes reduced by hsum at the end.
+template <int MR, int NR, class L>
+void tile(const float *x, int32_t ldx, const typename L::T *w, int32_t ldw, int32_t k, const float *bias, float *y,
+          int32_t ldy) {
+    v16f acc[MR][NR] = {};
+    int32_t kk = 0;
+    for (; kk + kLanes <= k; kk += kLanes) {
+        v16f wv[NR];
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) wv[j] = L::load(w + size_t(j) * ldw + kk);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) {
+            v16f xv = F32::load(x + size_t(i) * ldx + kk);
+#pragma GCC unroll 8
+            for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+        }
+    }
+    if (kk < k) {
+        for (int j = 0; j < NR; ++j) {
+            v16f wv = load_tail<L>(w + size_t(j) * ldw + kk, k - kk);
+            for (int i = 0; i < MR; ++i) acc[i][j] += load_tail<F32>(x + size_t(i) * ldx + kk, k - kk) * wv;
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) y[size_t(i) * ldy + j] = hsum(acc[i][j]) + (bias ? bias[j] : 0.0f);
+}
+
+constexpr int kMR = 4;
+constexpr int kNR = 4;
+
+template <class L>
+using TileFn = void (*)(const float *, int32_t, const typename L::T *, int32_t, int32_t, const float *, float *,
+                        int32_t);
+
+template <class L, int MR> constexpr TileFn<L> tile_for_nr(int nr) {
+    return nr == 1 ? tile<MR, 1, L> : nr == 2 ? tile<MR, 2, L> : nr == 3 ? tile<MR, 3, L> : tile<MR, 4, L>;
+}
+template <class L> TileFn<L> tile_for(int mr, int nr) {
+    return mr == 1 ? tile_for_nr<L, 1>(nr)
+           : mr == 2 ? tile_for_nr<L, 2>(nr)
+           : mr == 3 ? tile_for_nr<L, 3>(nr)
+                     : tile_for_nr<L, 4>(nr);
+}
+
+template <class L>
+void matmul_t(const float *x, int32_t m, int32_t k, const typename L::T *w, int32_t n, const float *bias, float *y,
+              int32_t ldy, int32_t n_threads) {
+    const int32_t n_tiles = (n + kNR - 1) / kNR;
+    // Rows of x per block: keep the block in L2 while every weight tile streams past it.
+    const int32_t m_block = std::max(kMR, std::min(64, (96 * 1024 / (4 * std::max(k, 1))) / kMR * kMR));
+    const bool parallel = int64_t(m) * n * k > 32768;
+#pragma omp parallel num_threads(n_threads) if (parallel)
+    {
+        int32_t tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
+#endif
+        const int32_t t0 = int32_t(int64_t(n_tiles) * tid / nth);
+        const int32_t t1 = int32_t(int64_t(n_tiles) * (tid + 1) / nth);
+        for (int32_t m0 = 0; m0 < m; m0 += m_block) {
+            const int32_t m1 = std::min(m, m0 + m_block);
+            for (int32_t t = t0; t < t1; ++t) {
+                const int32_t n0 = t * kNR;
+                const int32_t nr = std::min(kNR, n - n0);
+                for (int32_t i0 = m0; i0 < m1; i0 += kMR) {
+                    const int32_t mr = std::min(kMR, m1 - i0);
+                    tile_for<L>(mr, nr)(x + size_t(i0) * k, k, w + size_t(n0) * k, k, k, bias ? bias + n0 : nullptr,
+                                        y + size_t(i0) * ldy + n0, ldy);
+                }
+            }
+        }
+    }
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+} // namespace
+
+void matmul(const float *x, int32_t m, int32_t k, const void *w, int32_t dtype, int32_t n, const float *bias, float *y,
+            int32_t ldy, int32_t n_threads) {
+    switch (dtype) {
+    case LLAISYS_DTYPE_F32: matmul_t<F32>(x, m, k, static_cast<const float *>(w), n, bias, y, ldy, n_threads); break;
+    case LLAISYS_DTYPE_F16:
+        matmul_t<F16>(x, m, k, static_cast<const uint16_t *>(w), n, bias, y, ldy, n_threads);
+        break;
+    default: matmul_t<BF16>(x, m, k, static_cast<const uint16_t *>(w), n, bias, y, ldy, n_threads); break;
+    }
+}
+
+void to_f32(const void *src, int32_t dtype, int64_t n, float *dst) {
+    const uint16_t *h = static_cast<const uint16_t *>(src);
+    switch (dtype) {
+    case LLAISYS_DTYPE_F32: std::memcpy(dst, src, size_t(n) * 4); break;
+    case LLAISYS_DTYPE_F16:
+        for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(h[i]);
+        break;
+    default:
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(h[i]);
+        break;
+    }
+}
+
+void from_f32(const float *src, int64_t n, int32_t dtype, void *dst) {
+    uint16_t *h = static_cast<uint16_t *>(dst);
+    switch (dtype) {
+    case LLAISYS_DTYPE_F32: std::memcpy(dst, src, size_t(n) * 4); break;
+    case LLAISYS_DTYPE_F16:
+        for (int64_t i = 0; i < n; ++i) h[i] = f32_to_f16(src[i]);
+        break;
+    default:
+        for (int64_t i = 0; i < n; ++i) h[i] = f32_to_bf16(src[i]);
+        break;
+    }
+}
+
+float dot_f32(const float *a, const float *b, int32_t n) {
+    v16f acc = {};
+    int32_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) acc += F32::load(a + i) * F32::load(b + i);
+    if (i < n) acc += load_tail<F32>(a + i, n - i) * load_tail<F32>(b + i, n - i);
+    return hsum(acc);
+}
+
+void rms_norm(const float *x, int32_t m, int32_t d, const void *weight, int32_t dtype, float eps, float *out,
+              int32_t n_threads) {
+    std::vector<float> w(static_cast<size_t>(d));
+    to_f32(weight, dtype, d, w.data());
+#pragma omp parallel for num_threads(n_threads) if (int64_t(m) * d > 65536)
+    for (int32_t r = 0; r < m; ++r) {
+        const float *xr = x + size_t(r) * d;
+        float *o = out + size_t(r) * d;
+        const float inv = 1.0f / std::sqrt(dot_f32(xr, xr, d) / float(d) + eps);
+        for (int32_t i = 0; i < d; ++i) o[i] = w[size_t(i)] * (xr[i] * inv);
+    }
+}
+
+void rope(float *v, int32_t head_dim, int32_t pos, const float *inv_freq) {
+    const int32_t half = head_dim / 2;
+    for (int32_t i = 0; i < half; ++i) {
+        const float angle = float(pos) * inv_freq[i];
+        const float c = std::cos(angle), s = std::sin(angle);
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+    }
+}
+
+void rope_move(float *v, int32_t head_dim, int32_t old_pos, int32_t new_pos, const float *inv_freq) {
+    const int32_t half = head_dim / 2;
+    for (int32_t i = 0; i < half; ++i) {
+        const float back = -float(old_pos) * inv_freq[i];
+        const float fwd = float(new_pos) * inv_freq[i];
+        const float a = v[i], b = v[i + half];
+        // Undo the old rotation first, then apply the new one, each with its own exact angle.
+        const float ua = a * std::cos(back) - b * std::sin(back);
+        const float ub = b * std::cos(back) + a * std::sin(back);
+        v[i] = ua * std::cos(fwd) - ub * std::sin(fwd);
+        v[i + half] = ub * std::cos(fwd) + ua * std::sin(fwd);
+    }
+}
+
+void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t n_threads) {
+#pragma omp parallel for num_threads(n_threads) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) out[i] = silu(gate[i]) * up[i];
+}
+
+template <class L>
+static void attention_t(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells,
+                        const typename L::T *k, const typename L::T *v, int64_t cell_stride, float scale,
+                        float *scores, float *out) {
+    for (int32_t h = 0; h < n_q; ++h) {
+        const float *qh = q + size_t(h) * head_dim;
+        float *oh = out + size_t(h) * head_dim;
+        float max_score = -INFINITY;
+        for (int32_t j = 0; j < n_cells; ++j) {
+            const typename L::T *kc = k + cells[j] * cell_stride;
+            v16f acc = {};
+            for (int32_t d = 0; d < head_dim; d += kLanes) acc += F32::load(qh + d) * L::load(kc + d);
+            scores[j] = hsum(acc) * scale;
+            max_score = std::max(max_score, scores[j]);
+        }
+        float total = 0.0f;
+        for (int32_t j = 0; j < n_cells; ++j) {
+            scores[j] = std::exp(scores[j] - max_score);
+            total += scores[j];
+        }
+        const float inv_total = 1.0f / total;
+        std::fill(oh, oh + head_dim, 0.0f);
+        for (int32_t j = 0; j < n_cells; ++j) {
+            const typename L::T *vc = v + cells[j] * cell_stride;
+            const float p = scores[j] * inv_total;
+            for (int32_t d = 0; d < head_dim; d += kLanes) {
+                v16f o = F32::load(oh + d) + L::load(vc + d) * p;
+                std::memcpy(oh + d, &o, sizeof o);
+            }
+        }
+    }
+}
+
+void attention(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells, const void *k,
+               const void *v, int32_t kv_dtype, int64_t cell_stride, float scale, float *scores, float *out) {
+    switch (kv_dtype) {
+    case LLAISYS_DTYPE_F32:
+        attention_t<F32>(q, n_q, head_dim, cells, n_cells, static_cast<const float *>(k),
+                         static_cast<const float *>(v), cell_stride, scale, scores, out);
+        break;
+    case LLAISYS_DTYPE_F16:
+        attention_t<F16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
+                         static_cast<const uint16_t *>(v), cell_stride, scale, scores, out);
+        break;
+    default:
+        attention_t<BF16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
+                          static_cast<const uint16_t *>(v), cell_stride, scale, scores, out);
+        break;
+    }
+}
+
+} // namespace llaisys::kernels

@@ -1,0 +1,38 @@
+// CPU kernels of the forward pass. Activations are f32; weights are read in their stored dtype.
+// Every output element is reduced in one fixed order whatever the batch size or the thread count,
+// so a sequence gets the same logits alone or batched with others.
+#pragma once
+
+#include <cstdint>
+
+namespace llaisys::kernels {
+
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); w is n x k in `dtype`, y has row stride ldy.
+void matmul(const float *x, int32_t m, int32_t k, const void *w, int32_t dtype, int32_t n, const float *bias,
+            float *y, int32_t ldy, int32_t n_threads);
+
+// out[m, :] = x[m, :] / rms(x[m, :]) * weight (weight in `dtype`).
+void rms_norm(const float *x, int32_t m, int32_t d, const void *weight, int32_t dtype, float eps, float *out,
+              int32_t n_threads);
+
+// Convert n elements of `dtype` to f32.
+void to_f32(const void *src, int32_t dtype, int64_t n, float *dst);
+// Convert n f32 to `dtype`.
+void from_f32(const float *src, int64_t n, int32_t dtype, void *dst);
+
+// Rotate one head vector in place (NeoX layout: pairs (i, i + d/2)) for position pos.
+void rope(float *v, int32_t head_dim, int32_t pos, const float *inv_freq);
+// Undo the rotation for old_pos and apply the one for new_pos.
+void rope_move(float *v, int32_t head_dim, int32_t old_pos, int32_t new_pos, const float *inv_freq);
+
+// out[i] = silu(gate[i]) * up[i], the SwiGLU activation.
+void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t n_threads);
+
+// Attention of n_q query heads that share one KV head, over the given cells in order:
+// out[h] = sum_c softmax_c(scale * q[h] . k_c) v_c. k and v point at this KV head inside cell 0;
+// cell_stride is the element distance between cells. scores is scratch of n_cells floats.
+void attention(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells,
+               const void *k, const void *v, int32_t kv_dtype, int64_t cell_stride, float scale, float *scores,
+               float *out);
+
+} // namespace llaisys::kernels

@@ -1,0 +1,81 @@
+// The generic model: weight slots, the KV cell map, batch validation and outputs.
+// A model type (qwen2, mock) derives from it and implements forward() and the KV tensor ops.
+#pragma once
+
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common.hpp"
+#include "kv_cells.hpp"
+
+namespace llaisys {
+
+// One named weight. Matrices keep the dtype they were written in; forward() reads them through kernels.
+struct WeightSlot {
+    std::string name;
+    std::vector<int64_t> shape;
+    int32_t dtype = LLAISYS_DTYPE_BF16;
+    Buffer data; // empty until written
+    bool is_set() const { return data.size() > 0; }
+    int64_t numel() const {
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        return n;
+    }
+};
+
+// A validated batch as forward() sees it: every token placed in a cell.
+struct DecodeInput {
+    int32_t n_tokens = 0;
+    std::vector<int32_t> token;
+    std::vector<int32_t> pos;
+    std::vector<int32_t> cell;     // KV cell of each token
+    std::vector<int32_t> view;     // index into views of each token (its first sequence)
+    std::vector<std::vector<int32_t>> views; // per distinct first sequence: its cells ordered by position
+    std::vector<int32_t> out_rows; // batch indices that produce logits, in batch order
+};
+
+} // namespace llaisys
+
+struct llaisys_model : llaisys::KvTensorOps {
+    explicit llaisys_model(const llaisys_model_params &params);
+    ~llaisys_model() override = default;
+
+    llaisys_model_params params;
+    std::vector<llaisys::WeightSlot> slots;
+    llaisys::KvCells cells;
+
+    llaisys::WeightSlot *find_slot(const std::string &name);
+    void replace_weight(const std::string &name, int32_t dtype, const int64_t *shape, int32_t ndim, const void *data);
+
+    // Validate, place and run one batch; returns a llaisys_status.
+    int32_t decode(const llaisys_batch &batch);
+
+    float *logits_ith(int32_t i);
+
+    llaisys_abort_callback abort_callback = nullptr;
+    void *abort_data = nullptr;
+    bool should_abort() const { return abort_callback && abort_callback(abort_data); }
+
+    std::vector<float> logits;       // n_outputs x n_vocab
+    std::vector<int32_t> output_ids; // per token of the last batch: its row or -1
+    int32_t n_outputs = 0;
+    bool has_outputs = false;
+
+    int32_t kv_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta);
+
+  protected:
+    void add_slot(const std::string &name, std::vector<int64_t> shape);
+    // Compute logits for in.out_rows into out (n_out_rows x n_vocab). Tokens are already in their cells.
+    // Returns LLAISYS_OK or LLAISYS_ABORTED.
+    virtual int32_t forward(const llaisys::DecodeInput &in, float *out) = 0;
+
+  private:
+    int32_t validate(const llaisys_batch &batch, llaisys::DecodeInput &in);
+    std::unordered_map<std::string, size_t> slot_index_;
+};
+
+namespace llaisys {
+using Model = llaisys_model;
+}

@@ -1,0 +1,220 @@
+// Qwen2: a decoder-only transformer with RMSNorm, GQA attention with q/k/v biases and
+// NeoX-style RoPE, and a SwiGLU MLP. Weight slot names follow GGUF's (token_embd, blk.N.attn_q, ...).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+#include "registry.hpp"
+
+namespace llaisys {
+namespace {
+
+struct LayerWeights {
+    WeightSlot *attn_norm, *q, *q_bias, *k, *k_bias, *v, *v_bias, *attn_output;
+    WeightSlot *ffn_norm, *gate, *up, *down;
+};
+
+// Scratch of one forward pass, grown to the largest batch seen.
+struct RunState {
+    std::vector<float> x, h, q, k, v, attn, tmp, gate, up, bias;
+    std::vector<int32_t> n_visible; // cells each token attends to (a prefix of its view)
+};
+
+class Qwen2Model final : public Model {
+  public:
+    explicit Qwen2Model(const llaisys_model_params &p) : Model(p) {
+        const int64_t d = p.n_embd, qd = int64_t(p.n_head) * p.head_dim, kvd = int64_t(p.n_head_kv) * p.head_dim;
+        add_slot("token_embd", {p.n_vocab, d});
+        for (int32_t l = 0; l < p.n_layer; ++l) {
+            const std::string b = "blk." + std::to_string(l) + ".";
+            add_slot(b + "attn_norm", {d});
+            add_slot(b + "attn_q", {qd, d});
+            add_slot(b + "attn_q_bias", {qd});
+            add_slot(b + "attn_k", {kvd, d});
+            add_slot(b + "attn_k_bias", {kvd});
+            add_slot(b + "attn_v", {kvd, d});
+            add_slot(b + "attn_v_bias", {kvd});
+            add_slot(b + "attn_output", {d, qd});
+            add_slot(b + "ffn_norm", {d});
+            add_slot(b + "ffn_gate", {p.n_ff, d});
+            add_slot(b + "ffn_up", {p.n_ff, d});
+            add_slot(b + "ffn_down", {d, p.n_ff});
+        }
+        add_slot("output_norm", {d});
+        if (!p.tie_embeddings) add_slot("output", {p.n_vocab, d});
+        // Slots are stable now: resolve the per-layer pointers once.
+        for (int32_t l = 0; l < p.n_layer; ++l) {
+            const std::string b = "blk." + std::to_string(l) + ".";
+            layers_.push_back({find_slot(b + "attn_norm"), find_slot(b + "attn_q"), find_slot(b + "attn_q_bias"),
+                               find_slot(b + "attn_k"), find_slot(b + "attn_k_bias"), find_slot(b + "attn_v"),
+                               find_slot(b + "attn_v_bias"), find_slot(b + "attn_output"), find_slot(b + "ffn_norm"),
+                               find_slot(b + "ffn_gate"), find_slot(b + "ffn_up"), find_slot(b + "ffn_down")});
+        }
+        token_embd_ = find_slot("token_embd");
+        output_norm_ = find_slot("output_norm");
+        output_ = p.tie_embeddings ? token_embd_ : find_slot("output");
+        // inv_freq as transformers computes it, in f32: 1 / theta^(2i / head_dim).
+        for (int32_t i = 0; i < p.head_dim / 2; ++i)
+            inv_freq_.push_back(1.0f / std::pow(p.rope_theta, float(2 * i) / float(p.head_dim)));
+        const size_t kv_bytes = size_t(p.n_ctx) * size_t(kvd) * dtype_size(p.kv_dtype);
+        for (int32_t l = 0; l < p.n_layer; ++l) {
+            k_cache_.emplace_back(kv_bytes);
+            v_cache_.emplace_back(kv_bytes);
+        }
+    }
+
+    void kv_copy_cell(int32_t from, int32_t to) override {
+        const size_t row = kv_row_bytes();
+        for (int32_t l = 0; l < params.n_layer; ++l) {
+            std::memcpy(k_cache_[size_t(l)].data() + size_t(to) * row, k_cache_[size_t(l)].data() + size_t(from) * row, row);
+            std::memcpy(v_cache_[size_t(l)].data() + size_t(to) * row, v_cache_[size_t(l)].data() + size_t(from) * row, row);
+        }
+    }
+
+    void kv_move_cell(int32_t cell, int32_t old_pos, int32_t new_pos) override {
+        const int32_t kvd = params.n_head_kv * params.head_dim;
+        std::vector<float> key(static_cast<size_t>(kvd));
+        for (int32_t l = 0; l < params.n_layer; ++l) {
+            uint8_t *row = k_cache_[size_t(l)].data() + size_t(cell) * kv_row_bytes();
+            kernels::to_f32(row, params.kv_dtype, kvd, key.data());
+            for (int32_t h = 0; h < params.n_head_kv; ++h)
+                kernels::rope_move(key.data() + size_t(h) * params.head_dim, params.head_dim, old_pos, new_pos,
+                                   inv_freq_.data());
+            kernels::from_f32(key.data(), kvd, params.kv_dtype, row);
+        }
+    }
+
+  protected:
+    int32_t forward(const DecodeInput &in, float *out) override;
+
+  private:
+    size_t kv_row_bytes() const {
+        return size_t(params.n_head_kv) * size_t(params.head_dim) * dtype_size(params.kv_dtype);
+    }
+    void attention_layer(int32_t layer, const DecodeInput &in);
+
+    std::vector<LayerWeights> layers_;
+    WeightSlot *token_embd_, *output_norm_, *output_;
+    std::vector<float> inv_freq_;
+    std::vector<Buffer> k_cache_, v_cache_;
+    RunState s_;
+};
+
+void Qwen2Model::attention_layer(int32_t layer, const DecodeInput &in) {
+    const llaisys_model_params &p = params;
+    const int32_t T = in.n_tokens, hd = p.head_dim, qd = p.n_head * hd, kvd = p.n_head_kv * hd;
+    const int32_t group = p.n_head / p.n_head_kv;
+    // Rotate q and k, then store k and v in the tokens' cells.
+    const size_t row = kv_row_bytes();
+    uint8_t *kc = k_cache_[size_t(layer)].data();
+    uint8_t *vc = v_cache_[size_t(layer)].data();
+#pragma omp parallel for num_threads(p.n_threads) if (T > 1)
+    for (int32_t i = 0; i < T; ++i) {
+        const int32_t pos = in.pos[size_t(i)];
+        for (int32_t h = 0; h < p.n_head; ++h) kernels::rope(&s_.q[size_t(i) * qd + size_t(h) * hd], hd, pos, inv_freq_.data());
+        for (int32_t h = 0; h < p.n_head_kv; ++h)
+            kernels::rope(&s_.k[size_t(i) * kvd + size_t(h) * hd], hd, pos, inv_freq_.data());
+        const size_t cell = size_t(in.cell[size_t(i)]);
+        kernels::from_f32(&s_.k[size_t(i) * kvd], kvd, p.kv_dtype, kc + cell * row);
+        kernels::from_f32(&s_.v[size_t(i) * kvd], kvd, p.kv_dtype, vc + cell * row);
+    }
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const size_t elem = dtype_size(p.kv_dtype);
+    const int32_t n_work = T * p.n_head_kv;
+#pragma omp parallel num_threads(p.n_threads) if (n_work > 1)
+    {
+        std::vector<float> scores(size_t(p.n_ctx));
+#pragma omp for schedule(dynamic, 1)
+        for (int32_t w = 0; w < n_work; ++w) {
+            const int32_t i = w / p.n_head_kv, g = w % p.n_head_kv;
+            const std::vector<int32_t> &view = in.views[size_t(in.view[size_t(i)])];
+            kernels::attention(&s_.q[size_t(i) * qd + size_t(g) * group * hd], group, hd, view.data(),
+                               s_.n_visible[size_t(i)], kc + size_t(g) * hd * elem, vc + size_t(g) * hd * elem,
+                               p.kv_dtype, kvd, scale, scores.data(),
+                               &s_.attn[size_t(i) * qd + size_t(g) * group * hd]);
+        }
+    }
+}
+
+int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
+    const llaisys_model_params &p = params;
+    const int32_t T = in.n_tokens, d = p.n_embd, hd = p.head_dim, qd = p.n_head * hd, kvd = p.n_head_kv * hd;
+    const int32_t nt = p.n_threads;
+    const int32_t wdt = p.weight_dtype;
+    const size_t wsize = dtype_size(wdt);
+    s_.x.resize(size_t(T) * d);
+    s_.h.resize(size_t(T) * d);
+    s_.tmp.resize(size_t(T) * d);
+    s_.q.resize(size_t(T) * qd);
+    s_.attn.resize(size_t(T) * qd);
+    s_.k.resize(size_t(T) * kvd);
+    s_.v.resize(size_t(T) * kvd);
+    s_.gate.resize(size_t(T) * p.n_ff);
+    s_.up.resize(size_t(T) * p.n_ff);
+    s_.bias.resize(size_t(qd + 2 * kvd));
+    s_.n_visible.resize(size_t(T));
+    for (int32_t i = 0; i < T; ++i) {
+        const std::vector<int32_t> &view = in.views[size_t(in.view[size_t(i)])];
+        const int32_t pos = in.pos[size_t(i)];
+        s_.n_visible[size_t(i)] = int32_t(std::upper_bound(view.begin(), view.end(), pos,
+                                                           [this](int32_t p0, int32_t c) { return p0 < cells.pos(c); }) -
+                                          view.begin());
+        kernels::to_f32(token_embd_->data.data() + size_t(in.token[size_t(i)]) * d * wsize, wdt, d,
+                        &s_.x[size_t(i) * d]);
+    }
+    float *bq = s_.bias.data(), *bk = bq + qd, *bv = bk + kvd;
+    for (int32_t l = 0; l < p.n_layer; ++l) {
+        if (should_abort()) return LLAISYS_ABORTED;
+        const LayerWeights &w = layers_[size_t(l)];
+        kernels::to_f32(w.q_bias->data.data(), wdt, qd, bq);
+        kernels::to_f32(w.k_bias->data.data(), wdt, kvd, bk);
+        kernels::to_f32(w.v_bias->data.data(), wdt, kvd, bv);
+        kernels::rms_norm(s_.x.data(), T, d, w.attn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
+        kernels::matmul(s_.h.data(), T, d, w.q->data.data(), wdt, qd, bq, s_.q.data(), qd, nt);
+        kernels::matmul(s_.h.data(), T, d, w.k->data.data(), wdt, kvd, bk, s_.k.data(), kvd, nt);
+        kernels::matmul(s_.h.data(), T, d, w.v->data.data(), wdt, kvd, bv, s_.v.data(), kvd, nt);
+        attention_layer(l, in);
+        kernels::matmul(s_.attn.data(), T, qd, w.attn_output->data.data(), wdt, d, nullptr, s_.tmp.data(), d, nt);
+        for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
+        kernels::rms_norm(s_.x.data(), T, d, w.ffn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
+        kernels::matmul(s_.h.data(), T, d, w.gate->data.data(), wdt, p.n_ff, nullptr, s_.gate.data(), p.n_ff, nt);
+        kernels::matmul(s_.h.data(), T, d, w.up->data.data(), wdt, p.n_ff, nullptr, s_.up.data(), p.n_ff, nt);
+        kernels::silu_mul(s_.gate.data(), s_.up.data(), int64_t(T) * p.n_ff, s_.gate.data(), nt);
+        kernels::matmul(s_.gate.data(), T, p.n_ff, w.down->data.data(), wdt, d, nullptr, s_.tmp.data(), d, nt);
+        for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
+    }
+    const int32_t R = int32_t(in.out_rows.size());
+    if (R == 0) return LLAISYS_OK;
+    for (int32_t r = 0; r < R; ++r)
+        std::memcpy(&s_.tmp[size_t(r) * d], &s_.x[size_t(in.out_rows[size_t(r)]) * d], sizeof(float) * size_t(d));
+    kernels::rms_norm(s_.tmp.data(), R, d, output_norm_->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
+    kernels::matmul(s_.h.data(), R, d, output_->data.data(), wdt, p.n_vocab, nullptr, out, p.n_vocab, nt);
+    return LLAISYS_OK;
+}
+
+} // namespace
+
+Model *create_qwen2(const llaisys_model_params &p) {
+    auto need_positive = [](int32_t value, const char *field) {
+        if (value <= 0) throw InvalidArgument(std::string("qwen2 needs ") + field + " > 0, got " + std::to_string(value));
+    };
+    need_positive(p.n_vocab, "n_vocab");
+    need_positive(p.n_embd, "n_embd");
+    need_positive(p.n_layer, "n_layer");
+    need_positive(p.n_head, "n_head");
+    need_positive(p.n_head_kv, "n_head_kv");
+    need_positive(p.head_dim, "head_dim");
+    need_positive(p.n_ff, "n_ff");
+    if (p.n_head % p.n_head_kv != 0)
+        throw InvalidArgument("qwen2 needs n_head (" + std::to_string(p.n_head) + ") to be a multiple of n_head_kv (" +
+                              std::to_string(p.n_head_kv) + ")");
+    if (p.head_dim % 16 != 0)
+        throw InvalidArgument("qwen2 needs head_dim to be a multiple of 16, got " + std::to_string(p.head_dim));
+    if (!(p.rope_theta > 0.0f)) throw InvalidArgument("qwen2 needs rope_theta > 0");
+    if (!(p.rms_norm_eps > 0.0f)) throw InvalidArgument("qwen2 needs rms_norm_eps > 0");
+    return new Qwen2Model(p);
+}
+
+} // namespace llaisys
