@@ -1,0 +1,31 @@
+"""Model adapters: a registry from config.json's model_type to the adapter that loads it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import ModelAdapter, ModelLoadError, RuntimeOptions, read_config
+from .mock import MockAdapter
+from .qwen2 import Qwen2Adapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+register(Qwen2Adapter)
+register(MockAdapter)
+
+
+def load_model(path: str | Path, options: RuntimeOptions | None = None) -> ModelAdapter:
+    """Load the model directory with the adapter its config.json's model_type names."""
+    config = read_config(Path(path))
+    model_type = config.get("model_type")
+    if model_type not in ADAPTERS:
+        raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported (known: {sorted(ADAPTERS)})")
+    return ADAPTERS[model_type].from_pretrained(path, options)
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelLoadError", "RuntimeOptions", "load_model", "register"]

@@ -1,0 +1,68 @@
+"""What every model adapter provides: a core model with its weights, a tokenizer, a chat template."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core import Model
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded: the message names the file or weight at fault."""
+
+
+@dataclasses.dataclass
+class RuntimeOptions:
+    """Core runtime parameters chosen by the caller, not by the checkpoint."""
+
+    n_ctx: int = 4096  # KV cells shared by all sequences
+    n_seq_max: int = 1
+    n_batch: int = 512
+    n_threads: int = 0  # 0 = all cores
+    kv_dtype: str = "f32"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} has no config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
+
+
+class ModelAdapter:
+    """A loaded model: `model` (the core handle), `tokenizer`-backed encode/decode and chat formatting."""
+
+    model_type: str = ""
+
+    def __init__(self, path: Path, config: dict[str, Any], model: Model):
+        self.path = Path(path)
+        self.config = config
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, options: RuntimeOptions | None = None) -> "ModelAdapter":
+        raise NotImplementedError
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        raise NotImplementedError
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence the checkpoint supports (further limited by n_ctx)."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def chat_token_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation formatted with the model's chat template."""
+        raise NotImplementedError
