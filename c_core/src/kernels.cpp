@@ -8,6 +8,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "common.hpp"
 
@@ -35,6 +38,11 @@ struct F32 {
 struct BF16 {
     using T = uint16_t;
     static v16f load(const T *p) {
+#if defined(__AVX512F__)
+        // One widening move and one shift; the generic form below compiles to twice as many.
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+        return v16f(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+#endif
         v16u16 h;
         std::memcpy(&h, p, sizeof h);
         v16u32 bits = __builtin_convertvector(h, v16u32) << 16;
@@ -95,21 +103,29 @@ void tile(const float *x, int32_t ldx, const typename L::T *w, int32_t ldw, int3
         for (int j = 0; j < NR; ++j) y[size_t(i) * ldy + j] = hsum(acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
-constexpr int kMR = 4;
-constexpr int kNR = 4;
+#ifndef LLAISYS_MR
+#define LLAISYS_MR 4
+#define LLAISYS_NR 4
+#endif
+constexpr int kMR = LLAISYS_MR;
+constexpr int kNR = LLAISYS_NR;
 
 template <class L>
 using TileFn = void (*)(const float *, int32_t, const typename L::T *, int32_t, int32_t, const float *, float *,
                         int32_t);
 
-template <class L, int MR> constexpr TileFn<L> tile_for_nr(int nr) {
-    return nr == 1 ? tile<MR, 1, L> : nr == 2 ? tile<MR, 2, L> : nr == 3 ? tile<MR, 3, L> : tile<MR, 4, L>;
+// The tile function for an mr x nr corner (mr <= kMR, nr <= kNR), chosen at run time.
+template <class L, int MR, int NR = kNR> TileFn<L> tile_for_nr(int nr) {
+    if constexpr (NR > 1) {
+        if (nr < NR) return tile_for_nr<L, MR, NR - 1>(nr);
+    }
+    return tile<MR, NR, L>;
 }
-template <class L> TileFn<L> tile_for(int mr, int nr) {
-    return mr == 1 ? tile_for_nr<L, 1>(nr)
-           : mr == 2 ? tile_for_nr<L, 2>(nr)
-           : mr == 3 ? tile_for_nr<L, 3>(nr)
-                     : tile_for_nr<L, 4>(nr);
+template <class L, int MR = kMR> TileFn<L> tile_for(int mr, int nr) {
+    if constexpr (MR > 1) {
+        if (mr < MR) return tile_for<L, MR - 1>(mr, nr);
+    }
+    return tile_for_nr<L, MR>(nr);
 }
 
 template <class L>
