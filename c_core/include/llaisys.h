@@ -92,7 +92,9 @@ typedef struct llaisys_model_params {
  *   seq_id[i]    n_seq_id[i] distinct sequence ids; NULL (n_seq_id and seq_id) = all in sequence 0
  *   logits[i]    nonzero = produce a logits row for token i; NULL = only the last token
  * A token in several sequences is stored once and shared (a common prompt);
- * those sequences must hold the same positions so far.
+ * those sequences must have exactly the same history so far (the same cached
+ * cells and the same earlier tokens of this batch). Positions lie in
+ * [0, INT32_MAX - 1].
  */
 typedef struct llaisys_batch {
     int32_t n_tokens;
@@ -166,7 +168,8 @@ LLAISYS_API void llaisysModelSetAbortCallback(llaisys_model *model, llaisys_abor
  *  -1 invalid batch (nothing changed): n_tokens 0 or above n_batch, a token
  *     outside the vocabulary, a seq_id out of range or repeated in one token,
  *     positions of a sequence not starting at its cached max + 1 or not
- *     consecutive inside the batch;
+ *     consecutive inside the batch, a position out of range, a shared token
+ *     whose sequences have different histories;
  *  -2 a weight slot was never written (nothing changed).
  */
 LLAISYS_API int32_t llaisysModelDecode(llaisys_model *model, llaisys_batch batch);
@@ -214,7 +217,8 @@ LLAISYS_API int32_t llaisysModelKvSeqKeep(llaisys_model *model, llaisys_seq_id s
  * attention stays correct; cells pushed below position 0 are removed. A cell
  * shared with other sequences is first copied for seq so the others keep
  * their positions. Returns 0, 1 when there is no free cell for such a copy
- * (nothing changed), -1 invalid.
+ * (nothing changed), -1 invalid (nothing changed), also when a position
+ * would pass INT32_MAX - 1.
  */
 LLAISYS_API int32_t llaisysModelKvSeqAdd(llaisys_model *model, llaisys_seq_id seq, llaisys_pos p0, llaisys_pos p1,
                                          llaisys_pos delta);

@@ -52,10 +52,12 @@ bool check_seq(const llaisys_model *model, llaisys_seq_id seq, bool allow_all) {
     return false;
 }
 
-// Half-open range with negative ends meaning open.
-void normalise_range(llaisys_pos &p0, llaisys_pos &p1) {
-    if (p0 < 0) p0 = 0;
-    if (p1 < 0) p1 = INT32_MAX;
+// Half-open range with negative ends meaning open; 64-bit so the open end includes INT32_MAX.
+struct PosRange {
+    int64_t p0, p1;
+};
+PosRange normalise_range(llaisys_pos p0, llaisys_pos p1) {
+    return {p0 < 0 ? 0 : int64_t(p0), p1 < 0 ? INT64_MAX : int64_t(p1)};
 }
 
 int32_t default_threads() {
@@ -74,6 +76,18 @@ void check_params(const llaisys_model_params &p) {
         throw InvalidArgument("n_seq_max must be in [1, 4096], got " + std::to_string(p.n_seq_max));
     if (p.n_batch <= 0) throw InvalidArgument("n_batch must be > 0, got " + std::to_string(p.n_batch));
     if (p.n_threads < 0) throw InvalidArgument("n_threads must be >= 0, got " + std::to_string(p.n_threads));
+}
+
+// The named slot, or NULL with the last error set.
+const WeightSlot *find_slot(const llaisys_model *model, const char *name) {
+    if (!check_model(model)) return nullptr;
+    if (!name) {
+        set_last_error("weight name is NULL");
+        return nullptr;
+    }
+    const WeightSlot *slot = const_cast<llaisys_model *>(model)->find_slot(name);
+    if (!slot) set_last_error(std::string("unknown weight '") + name + "'");
+    return slot;
 }
 
 } // namespace
@@ -143,23 +157,15 @@ const char *llaisysModelWeightName(const llaisys_model *model, int32_t i) {
 }
 
 int32_t llaisysModelWeightShape(const llaisys_model *model, const char *name, int64_t *shape) {
-    if (!check_model(model) || !name) return LLAISYS_INVALID;
-    const WeightSlot *slot = const_cast<llaisys_model *>(model)->find_slot(name);
-    if (!slot) {
-        set_last_error(std::string("unknown weight '") + name + "'");
-        return LLAISYS_INVALID;
-    }
+    const WeightSlot *slot = find_slot(model, name);
+    if (!slot) return LLAISYS_INVALID;
     for (size_t i = 0; i < slot->shape.size() && shape; ++i) shape[i] = slot->shape[i];
     return int32_t(slot->shape.size());
 }
 
 int32_t llaisysModelWeightIsSet(const llaisys_model *model, const char *name) {
-    if (!check_model(model) || !name) return LLAISYS_INVALID;
-    const WeightSlot *slot = const_cast<llaisys_model *>(model)->find_slot(name);
-    if (!slot) {
-        set_last_error(std::string("unknown weight '") + name + "'");
-        return LLAISYS_INVALID;
-    }
+    const WeightSlot *slot = find_slot(model, name);
+    if (!slot) return LLAISYS_INVALID;
     return slot->is_set() ? 1 : 0;
 }
 
@@ -202,16 +208,16 @@ int32_t llaisysModelNBatchTokens(const llaisys_model *model) {
 
 int32_t llaisysModelKvSeqRm(llaisys_model *model, llaisys_seq_id seq, llaisys_pos p0, llaisys_pos p1) {
     if (!check_model(model) || !check_seq(model, seq, true)) return LLAISYS_INVALID;
-    normalise_range(p0, p1);
-    model->cells.seq_rm(seq, p0, p1);
+    const PosRange r = normalise_range(p0, p1);
+    model->cells.seq_rm(seq, r.p0, r.p1);
     return 1;
 }
 
 int32_t llaisysModelKvSeqCp(llaisys_model *model, llaisys_seq_id src, llaisys_seq_id dst, llaisys_pos p0,
                             llaisys_pos p1) {
     if (!check_model(model) || !check_seq(model, src, false) || !check_seq(model, dst, false)) return LLAISYS_INVALID;
-    normalise_range(p0, p1);
-    model->cells.seq_cp(src, dst, p0, p1);
+    const PosRange r = normalise_range(p0, p1);
+    model->cells.seq_cp(src, dst, r.p0, r.p1);
     return LLAISYS_OK;
 }
 
@@ -224,8 +230,8 @@ int32_t llaisysModelKvSeqKeep(llaisys_model *model, llaisys_seq_id seq) {
 int32_t llaisysModelKvSeqAdd(llaisys_model *model, llaisys_seq_id seq, llaisys_pos p0, llaisys_pos p1,
                              llaisys_pos delta) {
     if (!check_model(model) || !check_seq(model, seq, false)) return LLAISYS_INVALID;
-    normalise_range(p0, p1);
-    return guarded([&]() -> int32_t { return model->kv_seq_add(seq, p0, p1, delta); });
+    const PosRange r = normalise_range(p0, p1);
+    return guarded([&]() -> int32_t { return model->kv_seq_add(seq, r.p0, r.p1, delta); });
 }
 
 llaisys_pos llaisysModelKvSeqPosMax(const llaisys_model *model, llaisys_seq_id seq) {

@@ -69,7 +69,7 @@ std::vector<int32_t> KvCells::cells_by_pos(int32_t seq) const {
     return cells;
 }
 
-void KvCells::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
+void KvCells::seq_rm(int32_t seq, int64_t p0, int64_t p1) {
     for (int32_t c = 0; c < n_ctx_; ++c) {
         if (pos_[c] < p0 || pos_[c] >= p1) continue; // free cells have pos -1 < p0
         if (seq < 0)
@@ -79,7 +79,7 @@ void KvCells::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
     }
 }
 
-void KvCells::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+void KvCells::seq_cp(int32_t src, int32_t dst, int64_t p0, int64_t p1) {
     if (src == dst) return;
     for (int32_t c = 0; c < n_ctx_; ++c)
         if (pos_[c] >= p0 && pos_[c] < p1 && has_seq(c, src)) set_seq(c, dst);
@@ -97,17 +97,18 @@ void KvCells::seq_keep(int32_t seq) {
     }
 }
 
-bool KvCells::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta, KvTensorOps &ops) {
-    if (delta == 0) return true;
+KvCells::AddResult KvCells::seq_add(int32_t seq, int64_t p0, int64_t p1, int32_t delta, KvTensorOps &ops) {
+    if (delta == 0) return AddResult::ok;
     std::vector<int32_t> targets;
     int32_t copies = 0;
     for (int32_t c = 0; c < n_ctx_; ++c) {
         if (pos_[c] < p0 || pos_[c] >= p1 || !has_seq(c, seq)) continue;
         targets.push_back(c);
+        if (pos_[c] + int64_t(delta) > kMaxPos) return AddResult::out_of_range;
         if (shared(c) && pos_[c] + int64_t(delta) >= 0) ++copies;
     }
     std::vector<int32_t> spare = find_free(copies);
-    if (int32_t(spare.size()) < copies) return false;
+    if (int32_t(spare.size()) < copies) return AddResult::no_space;
     size_t next_spare = 0;
     for (int32_t c : targets) {
         int64_t moved = int64_t(pos_[c]) + delta;
@@ -128,6 +129,12 @@ bool KvCells::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta, KvTens
         pos_[c] = int32_t(moved);
         ops.kv_move_cell(c, old_pos, int32_t(moved));
     }
+    return AddResult::ok;
+}
+
+bool KvCells::same_cells(int32_t a, int32_t b) const {
+    for (int32_t c = 0; c < n_ctx_; ++c)
+        if (pos_[c] >= 0 && has_seq(c, a) != has_seq(c, b)) return false;
     return true;
 }
 

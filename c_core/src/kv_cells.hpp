@@ -44,13 +44,19 @@ class KvCells {
     // Cells of seq ordered by position (then index): the order attention reads them in,
     // so results never depend on where tokens happened to be stored.
     std::vector<int32_t> cells_by_pos(int32_t seq) const;
+    // Whether two sequences use exactly the same cells (the same history).
+    bool same_cells(int32_t a, int32_t b) const;
 
-    // Sequence operations; ranges [p0, p1) already normalised by the caller.
-    void seq_rm(int32_t seq, int32_t p0, int32_t p1); // seq < 0: every sequence
-    void seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1);
+    // Sequence operations on the half-open position range [p0, p1).
+    void seq_rm(int32_t seq, int64_t p0, int64_t p1); // seq < 0: every sequence
+    void seq_cp(int32_t src, int32_t dst, int64_t p0, int64_t p1);
     void seq_keep(int32_t seq);
-    // Returns false (nothing changed) when shared cells need copies and no free cells remain.
-    bool seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta, KvTensorOps &ops);
+    // Largest position a cell may hold: one less than INT32_MAX so that "max + 1" never overflows.
+    static constexpr int64_t kMaxPos = INT32_MAX - 1;
+    enum class AddResult { ok, no_space, out_of_range };
+    // Nothing changes unless the result is ok: no_space when shared cells need copies and no free
+    // cells remain, out_of_range when a position would pass kMaxPos.
+    AddResult seq_add(int32_t seq, int64_t p0, int64_t p1, int32_t delta, KvTensorOps &ops);
     void clear();
 
   private:

@@ -76,8 +76,9 @@ int32_t llaisys_model::validate(const llaisys_batch &b, DecodeInput &in) {
     in.n_tokens = n;
     in.token.assign(b.token, b.token + n);
     in.pos.resize(size_t(n));
-    // Next expected position of every sequence touched by the batch.
-    std::map<int32_t, int32_t> next_pos;
+    // Next expected position of every sequence touched by the batch, and the batch tokens it got.
+    std::map<int32_t, int64_t> next_pos;
+    std::map<int32_t, std::vector<int32_t>> batch_tokens;
     for (int32_t i = 0; i < n; ++i) {
         if (b.token[i] < 0 || b.token[i] >= params.n_vocab)
             throw InvalidArgument("token " + std::to_string(b.token[i]) + " at batch index " + std::to_string(i) +
@@ -95,16 +96,26 @@ int32_t llaisys_model::validate(const llaisys_batch &b, DecodeInput &in) {
                     throw InvalidArgument("seq_id " + std::to_string(s) + " repeated at batch index " + std::to_string(i));
             if (!next_pos.count(s)) next_pos[s] = cells.pos_max(s) + 1;
         }
-        int32_t p = b.pos ? b.pos[i] : next_pos[seqs[0]];
+        const int64_t p = b.pos ? b.pos[i] : next_pos[seqs[0]];
+        if (p < 0 || p > KvCells::kMaxPos)
+            throw InvalidArgument("position " + std::to_string(p) + " at batch index " + std::to_string(i) +
+                                  " is outside [0, " + std::to_string(KvCells::kMaxPos) + "]");
         for (int32_t k = 0; k < count; ++k) {
-            int32_t &expected = next_pos[seqs[k]];
+            int64_t &expected = next_pos[seqs[k]];
             if (p != expected)
                 throw InvalidArgument("position " + std::to_string(p) + " of seq " + std::to_string(seqs[k]) +
                                       " at batch index " + std::to_string(i) + " must be " +
                                       std::to_string(expected) + " (cached max + 1, then consecutive)");
             expected = p + 1;
+            // A shared token is stored once and attends through its first sequence, so every
+            // sequence it joins must have exactly the same history, cached and in this batch.
+            if (k > 0 && (batch_tokens[seqs[k]] != batch_tokens[seqs[0]] || !cells.same_cells(seqs[0], seqs[k])))
+                throw InvalidArgument("token at batch index " + std::to_string(i) + " is shared by seqs " +
+                                      std::to_string(seqs[0]) + " and " + std::to_string(seqs[k]) +
+                                      ", whose histories differ");
         }
-        in.pos[size_t(i)] = p;
+        for (int32_t k = 0; k < count; ++k) batch_tokens[seqs[k]].push_back(i);
+        in.pos[size_t(i)] = int32_t(p);
     }
     for (WeightSlot &slot : slots)
         if (!slot.is_set()) {
@@ -178,10 +189,14 @@ float *llaisys_model::logits_ith(int32_t i) {
     return logits.data() + size_t(row) * size_t(params.n_vocab);
 }
 
-int32_t llaisys_model::kv_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
-    if (!cells.seq_add(seq, p0, p1, delta, *this)) {
+int32_t llaisys_model::kv_seq_add(int32_t seq, int64_t p0, int64_t p1, int32_t delta) {
+    switch (cells.seq_add(seq, p0, p1, delta, *this)) {
+    case KvCells::AddResult::no_space:
         set_last_error("no free KV cell to copy shared cells of seq " + std::to_string(seq) + " before shifting");
         return LLAISYS_NO_KV_SPACE;
+    case KvCells::AddResult::out_of_range:
+        throw InvalidArgument("shifting seq " + std::to_string(seq) + " by " + std::to_string(delta) +
+                              " moves a position past " + std::to_string(KvCells::kMaxPos));
+    default: return LLAISYS_OK;
     }
-    return LLAISYS_OK;
 }

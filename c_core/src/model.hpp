@@ -63,7 +63,7 @@ struct llaisys_model : llaisys::KvTensorOps {
     int32_t n_outputs = 0;
     bool has_outputs = false;
 
-    int32_t kv_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta);
+    int32_t kv_seq_add(int32_t seq, int64_t p0, int64_t p1, int32_t delta);
 
   protected:
     void add_slot(const std::string &name, std::vector<int64_t> shape);
