@@ -620,11 +620,25 @@ def test_real_default_model_config(default_model):
     assert config["num_attention_heads"] == 14
     assert config["num_key_value_heads"] == 2
     assert config["vocab_size"] == 151936
-    # Upstream Qwen2.5-0.5B ties lm_head to the embedding, but this GGUF ships
-    # a separate output.weight (Q8_0, finer than the Q5_0 embedding), so the
-    # conversion keeps it as an untied lm_head.
-    assert config["tie_word_embeddings"] is False
+    # This GGUF ships output.weight as a finer (Q8_0) copy of the Q5_0 embedding: the conversion
+    # ties them and keeps the finer copy, as upstream Qwen2.5-0.5B is tied.
+    assert config["tie_word_embeddings"] is True
     st = open_safetensors(default_model / "model.safetensors")
-    assert st.shape("lm_head.weight") == st.shape("model.embed_tokens.weight") == (151936, 896)
+    assert "lm_head.weight" not in st
+    assert st.shape("model.embed_tokens.weight") == (151936, 896)
     generation = json.loads((default_model / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [151645, 151643]
+
+
+def test_output_copying_the_embedding_is_tied_keeping_the_finer_copy(tmp_path, monkeypatch):
+    """A requantized copy of the embedding as output.weight: one tied matrix, the finer values."""
+    monkeypatch.setitem(TENSOR_TYPES, "output", F32)  # finer than the Q8_0 embedding
+    weights = tiny_weights(tied=True)
+    noise = np.random.default_rng(1).standard_normal(weights["token_embd.weight"].shape).astype(np.float32)
+    weights["output.weight"] = weights["token_embd.weight"] + 0.01 * noise * weights["token_embd.weight"].std()
+    out = convert_gguf_to_hf(write_tiny_gguf(tmp_path / "copy.gguf", weights), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    st = open_safetensors(out / "model.safetensors")
+    assert "lm_head.weight" not in st
+    np.testing.assert_array_equal(bf16_bits_to_f32(st["model.embed_tokens.weight"]),
+                                  bf16_bits_to_f32(f32_to_bf16_bits(weights["output.weight"])))

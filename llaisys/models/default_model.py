@@ -129,7 +129,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
 # Bump _CONVERSION_VERSION when the converter's output changes, so existing
 # caches are converted again.
 _MARKER = ".llaisys-complete.json"
-_CONVERSION_VERSION = 1
+_CONVERSION_VERSION = 2
 
 _CHUNK = 8 << 20
 _LOG_EVERY_BYTES = 64 << 20

@@ -26,7 +26,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .safetensors_io import f32_to_bf16_bits, write_safetensors
+from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, write_safetensors
 
 __all__ = ["GGUFConversionError", "convert_gguf_to_hf"]
 
@@ -85,7 +85,8 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     # The embedding may have more rows than the tokenizer has tokens (the
     # vocabulary is padded for efficiency); the model's vocab_size is the rows.
     vocab_size = int(tensors["token_embd.weight"].shape[1])
-    tied = "output.weight" not in tensors
+    converted = _dequantize(reader.tensors)
+    tied = _tie_embeddings(converted, {_hf_name(t.name): _bits_per_weight(t) for t in reader.tensors})
 
     config = _hf_config(meta, vocab_size, tied)
     logger.info(
@@ -99,7 +100,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(meta))
     _write_tokenizer(meta, out_dir, vocab_size, config["max_position_embeddings"])
-    _convert_weights(reader.tensors, _expected_hf_names(config), out_dir / "model.safetensors")
+    _write_weights(converted, _expected_hf_names(config), out_dir / "model.safetensors")
     return out_dir
 
 
@@ -263,8 +264,40 @@ def _expected_hf_names(config: dict[str, Any]) -> set[str]:
     return names
 
 
-def _convert_weights(gguf_tensors: list, expected: set[str], out_path: Path) -> None:
-    """Dequantize every tensor to bf16 and write them to *out_path*."""
+def _bits_per_weight(tensor) -> float:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    return 8.0 * type_size / block_size
+
+
+# Relative L2 distance below which output.weight counts as a requantized copy of token_embd.
+_TIE_DISTANCE = 0.05
+
+
+def _tie_embeddings(converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]], bits: dict[str, float]) -> bool:
+    """Tie the embeddings when the GGUF has no output matrix or one that copies the embedding.
+
+    Converters export tied Qwen2 models with the shared matrix twice, quantized to different
+    types; tying keeps the finer copy and saves reading the other at every decode step.
+    """
+    if "lm_head.weight" not in converted:
+        return True
+    embed = bf16_bits_to_f32(converted["model.embed_tokens.weight"][2])
+    head = bf16_bits_to_f32(converted["lm_head.weight"][2])
+    if embed.shape != head.shape:
+        return False
+    distance = float(np.linalg.norm(embed - head) / max(np.linalg.norm(embed), 1e-30))
+    if distance > _TIE_DISTANCE:
+        return False
+    finer = max(("model.embed_tokens.weight", "lm_head.weight"), key=lambda n: bits[n])
+    logger.info("output.weight copies token_embd.weight (relative distance %.3f): tying, keeping %s", distance, finer)
+    if finer == "lm_head.weight":
+        converted["model.embed_tokens.weight"] = converted["lm_head.weight"]
+    del converted["lm_head.weight"]
+    return True
+
+
+def _dequantize(gguf_tensors: list) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """Every tensor dequantized to bf16 bits, by HF name."""
     converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
     total = len(gguf_tensors)
     log_every = max(1, total // 10)
@@ -276,7 +309,12 @@ def _convert_weights(gguf_tensors: list, expected: set[str], out_path: Path) -> 
         converted[name] = ("BF16", shape, f32_to_bf16_bits(values))
         if done % log_every == 0 or done == total:
             logger.info("dequantized %d/%d tensors", done, total)
+    return converted
 
+
+def _write_weights(converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]], expected: set[str],
+                   out_path: Path) -> None:
+    """Check every expected tensor is there and write them to *out_path*."""
     missing = expected - converted.keys()
     if missing:
         raise GGUFConversionError(f"GGUF lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
