@@ -76,32 +76,95 @@ inline float hsum(v16f v) {
     return t[0];
 }
 
-// An MR x NR tile of y: each element is one dot product over k, lanes reduced by hsum at the end.
-template <int MR, int NR, class L>
-void tile(const float *x, int32_t ldx, const typename L::T *w, int32_t ldw, int32_t k, const float *bias, float *y,
-          int32_t ldy) {
-    v16f acc[MR][NR] = {};
-    int32_t kk = 0;
-    for (; kk + kLanes <= k; kk += kLanes) {
-        v16f wv[NR];
+// A matmul kernel policy: X and W are the element types the tile reads activations and weights
+// in; tile<MR, NR> computes an MR x NR block of y, each element one dot product over k whose lanes
+// are reduced by hsum at the end, so every element is summed in the same order whatever the tile.
+
+// f32 activations times weights widened to f32 by loader L, with f32 FMAs: exact products.
+template <class L> struct FmaKernel {
+    using X = float;
+    using W = typename L::T;
+    static constexpr int32_t kStep = kLanes;
+
+    template <int MR, int NR>
+    static void tile(const X *x, int32_t ldx, const W *w, int32_t ldw, int32_t k, const float *bias, float *y,
+                     int32_t ldy) {
+        v16f acc[MR][NR] = {};
+        int32_t kk = 0;
+        for (; kk + kLanes <= k; kk += kLanes) {
+            v16f wv[NR];
 #pragma GCC unroll 8
-        for (int j = 0; j < NR; ++j) wv[j] = L::load(w + size_t(j) * ldw + kk);
+            for (int j = 0; j < NR; ++j) wv[j] = L::load(w + size_t(j) * ldw + kk);
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) {
-            v16f xv = F32::load(x + size_t(i) * ldx + kk);
+            for (int i = 0; i < MR; ++i) {
+                v16f xv = F32::load(x + size_t(i) * ldx + kk);
 #pragma GCC unroll 8
-            for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+                for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+            }
         }
-    }
-    if (kk < k) {
-        for (int j = 0; j < NR; ++j) {
-            v16f wv = load_tail<L>(w + size_t(j) * ldw + kk, k - kk);
-            for (int i = 0; i < MR; ++i) acc[i][j] += load_tail<F32>(x + size_t(i) * ldx + kk, k - kk) * wv;
+        if (kk < k) {
+            for (int j = 0; j < NR; ++j) {
+                v16f wv = load_tail<L>(w + size_t(j) * ldw + kk, k - kk);
+                for (int i = 0; i < MR; ++i) acc[i][j] += load_tail<F32>(x + size_t(i) * ldx + kk, k - kk) * wv;
+            }
         }
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) y[size_t(i) * ldy + j] = hsum(acc[i][j]) + (bias ? bias[j] : 0.0f);
     }
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) y[size_t(i) * ldy + j] = hsum(acc[i][j]) + (bias ? bias[j] : 0.0f);
+};
+
+#if defined(__AVX512BF16__)
+// bf16 activations times bf16 weights with VDPBF16PS (pairs of exact products into f32 lanes):
+// twice the f32 FMA rate and no widening of the weights. Activations are rounded to bf16 first,
+// as a bf16 model in torch computes; sums stay in f32.
+struct Bf16DotKernel {
+    using X = uint16_t;
+    using W = uint16_t;
+    static constexpr int32_t kStep = 32;
+
+    static __m512bh load(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+    static __m512bh load_tail(const uint16_t *p, int32_t count) {
+        return (__m512bh)_mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << count) - 1), p);
+    }
+
+    template <int MR, int NR>
+    static void tile(const X *x, int32_t ldx, const W *w, int32_t ldw, int32_t k, const float *bias, float *y,
+                     int32_t ldy) {
+        __m512 acc[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+        int32_t kk = 0;
+        for (; kk + kStep <= k; kk += kStep) {
+            __m512bh wv[NR];
+#pragma GCC unroll 8
+            for (int j = 0; j < NR; ++j) wv[j] = load(w + size_t(j) * ldw + kk);
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; ++i) {
+                __m512bh xv = load(x + size_t(i) * ldx + kk);
+#pragma GCC unroll 8
+                for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+            }
+        }
+        if (kk < k) {
+            for (int j = 0; j < NR; ++j) {
+                __m512bh wv = load_tail(w + size_t(j) * ldw + kk, k - kk);
+                for (int i = 0; i < MR; ++i)
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], load_tail(x + size_t(i) * ldx + kk, k - kk), wv);
+            }
+        }
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) y[size_t(i) * ldy + j] = hsum(v16f(acc[i][j])) + (bias ? bias[j] : 0.0f);
+    }
+};
+
+// Round n f32 values to bf16 (nearest even), as the activations of Bf16DotKernel.
+void round_to_bf16(const float *src, int64_t n, uint16_t *dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+    for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
+#endif
 
 #ifndef LLAISYS_MR
 #define LLAISYS_MR 4
@@ -110,30 +173,31 @@ void tile(const float *x, int32_t ldx, const typename L::T *w, int32_t ldw, int3
 constexpr int kMR = LLAISYS_MR;
 constexpr int kNR = LLAISYS_NR;
 
-template <class L>
-using TileFn = void (*)(const float *, int32_t, const typename L::T *, int32_t, int32_t, const float *, float *,
-                        int32_t);
+template <class K>
+using TileFn = void (*)(const typename K::X *, int32_t, const typename K::W *, int32_t, int32_t, const float *,
+                        float *, int32_t);
 
 // The tile function for an mr x nr corner (mr <= kMR, nr <= kNR), chosen at run time.
-template <class L, int MR, int NR = kNR> TileFn<L> tile_for_nr(int nr) {
+template <class K, int MR, int NR = kNR> TileFn<K> tile_for_nr(int nr) {
     if constexpr (NR > 1) {
-        if (nr < NR) return tile_for_nr<L, MR, NR - 1>(nr);
+        if (nr < NR) return tile_for_nr<K, MR, NR - 1>(nr);
     }
-    return tile<MR, NR, L>;
+    return K::template tile<MR, NR>;
 }
-template <class L, int MR = kMR> TileFn<L> tile_for(int mr, int nr) {
+template <class K, int MR = kMR> TileFn<K> tile_for(int mr, int nr) {
     if constexpr (MR > 1) {
-        if (mr < MR) return tile_for<L, MR - 1>(mr, nr);
+        if (mr < MR) return tile_for<K, MR - 1>(mr, nr);
     }
-    return tile_for_nr<L, MR>(nr);
+    return tile_for_nr<K, MR>(nr);
 }
 
-template <class L>
-void matmul_t(const float *x, int32_t m, int32_t k, const typename L::T *w, int32_t n, const float *bias, float *y,
-              int32_t ldy, int32_t n_threads) {
+template <class K>
+void matmul_t(const typename K::X *x, int32_t m, int32_t k, const typename K::W *w, int32_t n, const float *bias,
+              float *y, int32_t ldy, int32_t n_threads) {
     const int32_t n_tiles = (n + kNR - 1) / kNR;
     // Rows of x per block: keep the block in L2 while every weight tile streams past it.
-    const int32_t m_block = std::max(kMR, std::min(64, (96 * 1024 / (4 * std::max(k, 1))) / kMR * kMR));
+    const int32_t x_row_bytes = int32_t(sizeof(typename K::X)) * std::max(k, 1);
+    const int32_t m_block = std::max(kMR, std::min(64, (96 * 1024 / x_row_bytes) / kMR * kMR));
     const bool parallel = int64_t(m) * n * k > 32768;
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
@@ -151,7 +215,7 @@ void matmul_t(const float *x, int32_t m, int32_t k, const typename L::T *w, int3
                 const int32_t nr = std::min(kNR, n - n0);
                 for (int32_t i0 = m0; i0 < m1; i0 += kMR) {
                     const int32_t mr = std::min(kMR, m1 - i0);
-                    tile_for<L>(mr, nr)(x + size_t(i0) * k, k, w + size_t(n0) * k, k, k, bias ? bias + n0 : nullptr,
+                    tile_for<K>(mr, nr)(x + size_t(i0) * k, k, w + size_t(n0) * k, k, k, bias ? bias + n0 : nullptr,
                                         y + size_t(i0) * ldy + n0, ldy);
                 }
             }
@@ -165,12 +229,23 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 void matmul(const float *x, int32_t m, int32_t k, const void *w, int32_t dtype, int32_t n, const float *bias, float *y,
             int32_t ldy, int32_t n_threads) {
+    const uint16_t *w16 = static_cast<const uint16_t *>(w);
     switch (dtype) {
-    case LLAISYS_DTYPE_F32: matmul_t<F32>(x, m, k, static_cast<const float *>(w), n, bias, y, ldy, n_threads); break;
-    case LLAISYS_DTYPE_F16:
-        matmul_t<F16>(x, m, k, static_cast<const uint16_t *>(w), n, bias, y, ldy, n_threads);
+    case LLAISYS_DTYPE_F32:
+        matmul_t<FmaKernel<F32>>(x, m, k, static_cast<const float *>(w), n, bias, y, ldy, n_threads);
         break;
-    default: matmul_t<BF16>(x, m, k, static_cast<const uint16_t *>(w), n, bias, y, ldy, n_threads); break;
+    case LLAISYS_DTYPE_F16: matmul_t<FmaKernel<F16>>(x, m, k, w16, n, bias, y, ldy, n_threads); break;
+    default: {
+#if defined(__AVX512BF16__)
+        static thread_local std::vector<uint16_t> x_bf16;
+        x_bf16.resize(size_t(m) * size_t(k));
+        round_to_bf16(x, int64_t(m) * k, x_bf16.data());
+        matmul_t<Bf16DotKernel>(x_bf16.data(), m, k, w16, n, bias, y, ldy, n_threads);
+#else
+        matmul_t<FmaKernel<BF16>>(x, m, k, w16, n, bias, y, ldy, n_threads);
+#endif
+        break;
+    }
     }
 }
 
