@@ -1,8 +1,10 @@
 """Logits parity with transformers: several sequences in one batch, step by step, greedy.
 
-Tolerances (max |logit difference| against transformers in float32 on the same bf16 weights):
-1e-4 for the tiny random model (measured 2e-7) and 1e-3 for the default model (measured 2.4e-5;
-its logits span about +-30). Both compute in f32 and differ only in summation order.
+Tolerances (max |logit difference| against transformers in float32 on the same weights):
+- f32 and f16 weights: 1e-4 (measured 2e-7): both compute in f32 and differ only in summation order.
+- bf16 weights: on CPUs with AVX512-BF16 the core rounds matmul inputs to bf16 (as torch's bf16
+  path does), so 1e-2 for the tiny random model (measured 1.7e-3) and 0.25 for the default model
+  (measured 0.096; its logits span about +-30). The argmax must still agree at every step.
 """
 import pytest
 
@@ -10,8 +12,9 @@ from parity import greedy_parity
 
 pytest.importorskip("torch")
 
-TINY_TOL = 1e-4
-DEFAULT_TOL = 1e-3
+EXACT_TOL = 1e-4
+TINY_TOL = 1e-2
+DEFAULT_TOL = 0.25
 
 
 def test_tiny_random_qwen2_parity(tiny_qwen2_dir):
@@ -26,7 +29,7 @@ def test_tiny_parity_other_weight_dtypes(tmp_path, dtype):
 
     path = make_tiny_qwen2(tmp_path / dtype, seed=1, dtype=dtype, tie_word_embeddings=False)
     worst, _ = greedy_parity(path, [[3, 1, 4, 1, 5], [9, 2, 6]], steps=6)
-    assert worst < TINY_TOL, worst
+    assert worst < EXACT_TOL, worst
 
 
 @pytest.mark.slow

@@ -67,8 +67,16 @@ template <class L> v16f load_tail(const typename L::T *p, int32_t count) {
     return L::load(tmp);
 }
 
-// The fixed reduction of 16 lanes: halving pairwise sums.
+// The fixed reduction of 16 lanes: halving pairwise sums (t[i] += t[i + 8], then + 4, + 2, + 1).
 inline float hsum(v16f v) {
+#if defined(__AVX512DQ__)
+    // The same additions in registers.
+    __m512 z = __m512(v);
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+#endif
     float t[kLanes];
     std::memcpy(t, &v, sizeof t);
     for (int w = kLanes / 2; w >= 1; w /= 2)
@@ -168,7 +176,7 @@ void round_to_bf16(const float *src, int64_t n, uint16_t *dst) {
 
 #ifndef LLAISYS_MR
 #define LLAISYS_MR 4
-#define LLAISYS_NR 4
+#define LLAISYS_NR 6
 #endif
 constexpr int kMR = LLAISYS_MR;
 constexpr int kNR = LLAISYS_NR;
@@ -197,7 +205,7 @@ void matmul_t(const typename K::X *x, int32_t m, int32_t k, const typename K::W 
     const int32_t n_tiles = (n + kNR - 1) / kNR;
     // Rows of x per block: keep the block in L2 while every weight tile streams past it.
     const int32_t x_row_bytes = int32_t(sizeof(typename K::X)) * std::max(k, 1);
-    const int32_t m_block = std::max(kMR, std::min(64, (96 * 1024 / x_row_bytes) / kMR * kMR));
+    const int32_t m_block = std::max(kMR, std::min(512, (512 * 1024 / x_row_bytes) / kMR * kMR));
     const bool parallel = int64_t(m) * n * k > 32768;
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
