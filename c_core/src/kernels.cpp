@@ -122,55 +122,119 @@ template <class L> struct FmaKernel {
 };
 
 #if defined(__AVX512BF16__)
-// bf16 activations times bf16 weights with VDPBF16PS (pairs of exact products into f32 lanes):
-// twice the f32 FMA rate and no widening of the weights. Activations are rounded to bf16 first,
-// as a bf16 model in torch computes; sums stay in f32.
-struct Bf16DotKernel {
-    using X = uint16_t;
-    using W = uint16_t;
-    static constexpr int32_t kStep = 32;
+// bf16 weights with VDPBF16PS (pairs of exact bf16 products added into f32 lanes): twice the f32
+// FMA rate. Activations are rounded to bf16 first, as a bf16 model in torch computes; sums stay f32.
+// Weights are packed in panels of 16 rows, k-pair by k-pair: one 64-byte load gives one pair of
+// k for 16 outputs, so each lane accumulates its own output over k in order and needs no final
+// horizontal sum. The order is the same for any m, so batching never changes a row's result.
+constexpr int32_t kPanel = 16;
 
-    static __m512bh load(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
-    static __m512bh load_tail(const uint16_t *p, int32_t count) {
-        return (__m512bh)_mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << count) - 1), p);
-    }
+inline int64_t panel_elems(int32_t k) { return int64_t(kPanel) * ((k + 1) / 2 * 2); }
 
-    template <int MR, int NR>
-    static void tile(const X *x, int32_t ldx, const W *w, int32_t ldw, int32_t k, const float *bias, float *y,
-                     int32_t ldy) {
-        __m512 acc[MR][NR];
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-        int32_t kk = 0;
-        for (; kk + kStep <= k; kk += kStep) {
-            __m512bh wv[NR];
-#pragma GCC unroll 8
-            for (int j = 0; j < NR; ++j) wv[j] = load(w + size_t(j) * ldw + kk);
-#pragma GCC unroll 8
-            for (int i = 0; i < MR; ++i) {
-                __m512bh xv = load(x + size_t(i) * ldx + kk);
-#pragma GCC unroll 8
-                for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
-            }
-        }
-        if (kk < k) {
-            for (int j = 0; j < NR; ++j) {
-                __m512bh wv = load_tail(w + size_t(j) * ldw + kk, k - kk);
-                for (int i = 0; i < MR; ++i)
-                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], load_tail(x + size_t(i) * ldx + kk, k - kk), wv);
-            }
-        }
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) y[size_t(i) * ldy + j] = hsum(v16f(acc[i][j])) + (bias ? bias[j] : 0.0f);
-    }
-};
-
-// Round n f32 values to bf16 (nearest even), as the activations of Bf16DotKernel.
+// Round n f32 values to bf16 (nearest even).
 void round_to_bf16(const float *src, int64_t n, uint16_t *dst) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
     for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+// MR rows of x (bf16, pairs broadcast) times NR panels, over pairs [p0, p1). acc starts from y
+// when `resume` (a previous k block), so the sum runs through all of k in one order.
+template <int MR, int NR>
+void packed_tile(const uint16_t *x, int32_t ldx, const uint16_t *w, int64_t panel_stride, int32_t p0, int32_t p1,
+                 bool resume, float *y, int32_t ldy, int32_t n_valid) {
+    __m512 acc[MR][NR];
+    const __mmask16 last = __mmask16((1u << std::min(n_valid - (NR - 1) * kPanel, kPanel)) - 1);
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            acc[i][j] = resume ? _mm512_maskz_loadu_ps(j == NR - 1 ? last : __mmask16(0xffff),
+                                                       y + size_t(i) * ldy + j * kPanel)
+                               : _mm512_setzero_ps();
+    for (int32_t p = p0; p < p1; ++p) {
+        __m512bh wv[NR];
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * panel_stride + int64_t(p) * 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) {
+            int32_t pair;
+            std::memcpy(&pair, x + size_t(i) * ldx + 2 * p, 4);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 8
+            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            _mm512_mask_storeu_ps(y + size_t(i) * ldy + j * kPanel, j == NR - 1 ? last : __mmask16(0xffff), acc[i][j]);
+}
+
+constexpr int kPackedMR = 6;
+constexpr int kPackedNR = 4;
+
+using PackedTileFn = void (*)(const uint16_t *, int32_t, const uint16_t *, int64_t, int32_t, int32_t, bool, float *,
+                              int32_t, int32_t);
+
+template <int MR, int NR = kPackedNR> PackedTileFn packed_tile_for_nr(int nr) {
+    if constexpr (NR > 1) {
+        if (nr < NR) return packed_tile_for_nr<MR, NR - 1>(nr);
+    }
+    return packed_tile<MR, NR>;
+}
+template <int MR = kPackedMR> PackedTileFn packed_tile_for(int mr, int nr) {
+    if constexpr (MR > 1) {
+        if (mr < MR) return packed_tile_for<MR - 1>(mr, nr);
+    }
+    return packed_tile_for_nr<MR>(nr);
+}
+
+void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int32_t n, const float *bias, float *y,
+                   int32_t ldy, int32_t n_threads) {
+    const int32_t k_even = (k + 1) / 2 * 2, pairs = k_even / 2;
+    static thread_local std::vector<uint16_t> xb;
+    xb.assign(size_t(m) * size_t(k_even), 0);
+    for (int32_t r = 0; r < m; ++r) round_to_bf16(x + size_t(r) * k, k, xb.data() + size_t(r) * k_even);
+    const uint16_t *xbf = xb.data(); // the caller's buffer: xb names another one in each worker thread
+    const int64_t stride = panel_elems(k);
+    const int32_t n_panels = (n + kPanel - 1) / kPanel;
+    const int32_t n_tiles = (n_panels + kPackedNR - 1) / kPackedNR;
+    // k blocks keep a tile's weight panels (NR x 16 x 2 x 256 pairs = 64 KB) in L2 across the row
+    // blocks; row blocks keep their activations there while the panels stream past.
+    const int32_t pair_block = 256;
+    const int32_t m_block = std::max(kPackedMR, std::min(m, 96 * 1024 / (2 * 2 * pair_block)) / kPackedMR * kPackedMR);
+    const bool parallel = int64_t(m) * n * k > 32768;
+#pragma omp parallel num_threads(n_threads) if (parallel)
+    {
+        int32_t tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
+#endif
+        const int32_t t0 = int32_t(int64_t(n_tiles) * tid / nth);
+        const int32_t t1 = int32_t(int64_t(n_tiles) * (tid + 1) / nth);
+        for (int32_t p0 = 0; p0 < pairs; p0 += pair_block) {
+            const int32_t p1 = std::min(pairs, p0 + pair_block);
+            for (int32_t m0 = 0; m0 < m; m0 += m_block) {
+                const int32_t m1 = std::min(m, m0 + m_block);
+                for (int32_t t = t0; t < t1; ++t) {
+                    const int32_t panel = t * kPackedNR;
+                    const int32_t nr = std::min(kPackedNR, n_panels - panel);
+                    const int32_t n_valid = std::min(n - panel * kPanel, nr * kPanel);
+                    for (int32_t i0 = m0; i0 < m1; i0 += kPackedMR) {
+                        const int32_t mr = std::min(kPackedMR, m1 - i0);
+                        packed_tile_for(mr, nr)(xbf + size_t(i0) * k_even, k_even, w + panel * stride, stride,
+                                                p0, p1, p0 > 0, y + size_t(i0) * ldy + panel * kPanel, ldy, n_valid);
+                    }
+                }
+            }
+        }
+        if (bias) {
+#pragma omp barrier
+#pragma omp for
+            for (int32_t r = 0; r < m; ++r)
+                for (int32_t j = 0; j < n; ++j) y[size_t(r) * ldy + j] += bias[j];
+        }
+    }
 }
 #endif
 
@@ -235,26 +299,64 @@ inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 } // namespace
 
-void matmul(const float *x, int32_t m, int32_t k, const void *w, int32_t dtype, int32_t n, const float *bias, float *y,
-            int32_t ldy, int32_t n_threads) {
-    const uint16_t *w16 = static_cast<const uint16_t *>(w);
-    switch (dtype) {
+void matmul(const float *x, int32_t m, const Matrix &w, const float *bias, float *y, int32_t ldy, int32_t n_threads) {
+    const uint16_t *w16 = static_cast<const uint16_t *>(w.data);
+    const int32_t n = w.n, k = w.k;
+    switch (w.dtype) {
     case LLAISYS_DTYPE_F32:
-        matmul_t<FmaKernel<F32>>(x, m, k, static_cast<const float *>(w), n, bias, y, ldy, n_threads);
+        matmul_t<FmaKernel<F32>>(x, m, k, static_cast<const float *>(w.data), n, bias, y, ldy, n_threads);
         break;
     case LLAISYS_DTYPE_F16: matmul_t<FmaKernel<F16>>(x, m, k, w16, n, bias, y, ldy, n_threads); break;
-    default: {
+    default:
+        if (w.packed) {
 #if defined(__AVX512BF16__)
-        static thread_local std::vector<uint16_t> x_bf16;
-        x_bf16.resize(size_t(m) * size_t(k));
-        round_to_bf16(x, int64_t(m) * k, x_bf16.data());
-        matmul_t<Bf16DotKernel>(x_bf16.data(), m, k, w16, n, bias, y, ldy, n_threads);
-#else
-        matmul_t<FmaKernel<BF16>>(x, m, k, w16, n, bias, y, ldy, n_threads);
+            matmul_packed(x, m, k, w16, n, bias, y, ldy, n_threads);
 #endif
+        } else {
+            matmul_t<FmaKernel<BF16>>(x, m, k, w16, n, bias, y, ldy, n_threads);
+        }
         break;
     }
+}
+
+bool packs_bf16() {
+#if defined(__AVX512BF16__)
+    return true;
+#else
+    return false;
+#endif
+}
+
+size_t packed_bytes(int32_t n, int32_t k) {
+#if defined(__AVX512BF16__)
+    return size_t((n + kPanel - 1) / kPanel) * size_t(panel_elems(k)) * 2;
+#else
+    (void)n, (void)k;
+    return 0;
+#endif
+}
+
+void pack_bf16(const uint16_t *w, int32_t n, int32_t k, uint16_t *out) {
+#if defined(__AVX512BF16__)
+    const int64_t stride = panel_elems(k);
+    for (int32_t r = 0; r < n; ++r)
+        for (int32_t c = 0; c < k; ++c)
+            out[(r / kPanel) * stride + int64_t(c / 2) * 2 * kPanel + (r % kPanel) * 2 + c % 2] = w[size_t(r) * k + c];
+#else
+    (void)w, (void)n, (void)k, (void)out;
+#endif
+}
+
+void matrix_row(const Matrix &w, int32_t row, float *out) {
+    const size_t esize = dtype_size(w.dtype);
+    if (!w.packed) {
+        to_f32(static_cast<const uint8_t *>(w.data) + size_t(row) * w.k * esize, w.dtype, w.k, out);
+        return;
     }
+#if defined(__AVX512BF16__)
+    const uint16_t *panel = static_cast<const uint16_t *>(w.data) + (row / kPanel) * panel_elems(w.k);
+    for (int32_t c = 0; c < w.k; ++c) out[c] = bf16_to_f32(panel[int64_t(c / 2) * 2 * kPanel + (row % kPanel) * 2 + c % 2]);
+#endif
 }
 
 void to_f32(const void *src, int32_t dtype, int64_t n, float *dst) {

@@ -3,13 +3,29 @@
 // so a sequence gets the same logits alone or batched with others.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace llaisys::kernels {
 
-// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); w is n x k in `dtype`, y has row stride ldy.
-void matmul(const float *x, int32_t m, int32_t k, const void *w, int32_t dtype, int32_t n, const float *bias,
-            float *y, int32_t ldy, int32_t n_threads);
+// A weight matrix n x k as the kernels read it: row-major in `dtype`, or packed (bf16 only).
+struct Matrix {
+    const void *data;
+    int32_t dtype;
+    int32_t n, k;
+    bool packed;
+};
+
+// Whether this build multiplies bf16 matrices in packed form (CPUs with AVX512-BF16).
+bool packs_bf16();
+// Bytes of the packed form of an n x k bf16 matrix, and the packing itself.
+size_t packed_bytes(int32_t n, int32_t k);
+void pack_bf16(const uint16_t *w, int32_t n, int32_t k, uint16_t *out);
+// Row r of the matrix as f32 (embedding lookup).
+void matrix_row(const Matrix &w, int32_t row, float *out);
+
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); y has row stride ldy.
+void matmul(const float *x, int32_t m, const Matrix &w, const float *bias, float *y, int32_t ldy, int32_t n_threads);
 
 // out[m, :] = x[m, :] / rms(x[m, :]) * weight (weight in `dtype`).
 void rms_norm(const float *x, int32_t m, int32_t d, const void *weight, int32_t dtype, float eps, float *out,

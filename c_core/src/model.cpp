@@ -51,10 +51,18 @@ void llaisys_model::replace_weight(const std::string &name, int32_t dtype, const
         throw InvalidArgument("weight '" + name + "' has shape " + shape_str(shape, shape ? size_t(std::max(ndim, 0)) : 0) +
                               ", the slot expects " + shape_str(slot->shape.data(), slot->shape.size()));
     if (!data) throw InvalidArgument("weight '" + name + "' has no data");
+    // Matrices in bf16 are packed for the kernels where the CPU has bf16 dot products.
+    const bool pack = ndim == 2 && dtype == LLAISYS_DTYPE_BF16 && kernels::packs_bf16();
     size_t bytes = size_t(slot->numel()) * dtype_size(dtype);
-    Buffer fresh(bytes); // allocate before dropping the old copy, so a failure keeps it
-    std::memcpy(fresh.data(), data, bytes);
+    Buffer fresh(pack ? kernels::packed_bytes(int32_t(shape[0]), int32_t(shape[1])) : bytes);
+    if (pack)
+        kernels::pack_bf16(static_cast<const uint16_t *>(data), int32_t(shape[0]), int32_t(shape[1]),
+                           fresh.as<uint16_t>());
+    else
+        std::memcpy(fresh.data(), data, bytes);
+    // Allocated before the old copy is dropped, so a failure keeps it.
     slot->data = std::move(fresh);
+    slot->packed = pack;
 }
 
 int32_t llaisys_model::validate(const llaisys_batch &b, DecodeInput &in) {

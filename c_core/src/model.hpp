@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "kernels.hpp"
 #include "kv_cells.hpp"
 
 namespace llaisys {
@@ -16,8 +17,13 @@ struct WeightSlot {
     std::string name;
     std::vector<int64_t> shape;
     int32_t dtype = LLAISYS_DTYPE_BF16;
-    Buffer data; // empty until written
+    Buffer data;         // empty until written
+    bool packed = false; // data holds kernels' packed form (bf16 matrices where the CPU supports it)
     bool is_set() const { return data.size() > 0; }
+    // A 2-D slot as the kernels read it.
+    kernels::Matrix matrix() const {
+        return {data.data(), dtype, int32_t(shape[0]), int32_t(shape[1]), packed};
+    }
     int64_t numel() const {
         int64_t n = 1;
         for (int64_t d : shape) n *= d;

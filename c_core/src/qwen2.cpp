@@ -143,7 +143,6 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
     const int32_t T = in.n_tokens, d = p.n_embd, hd = p.head_dim, qd = p.n_head * hd, kvd = p.n_head_kv * hd;
     const int32_t nt = p.n_threads;
     const int32_t wdt = p.weight_dtype;
-    const size_t wsize = dtype_size(wdt);
     s_.x.resize(size_t(T) * d);
     s_.h.resize(size_t(T) * d);
     s_.tmp.resize(size_t(T) * d);
@@ -161,8 +160,7 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
         s_.n_visible[size_t(i)] = int32_t(std::upper_bound(view.begin(), view.end(), pos,
                                                            [this](int32_t p0, int32_t c) { return p0 < cells.pos(c); }) -
                                           view.begin());
-        kernels::to_f32(token_embd_->data.data() + size_t(in.token[size_t(i)]) * d * wsize, wdt, d,
-                        &s_.x[size_t(i) * d]);
+        kernels::matrix_row(token_embd_->matrix(), in.token[size_t(i)], &s_.x[size_t(i) * d]);
     }
     float *bq = s_.bias.data(), *bk = bq + qd, *bv = bk + kvd;
     for (int32_t l = 0; l < p.n_layer; ++l) {
@@ -172,17 +170,17 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
         kernels::to_f32(w.k_bias->data.data(), wdt, kvd, bk);
         kernels::to_f32(w.v_bias->data.data(), wdt, kvd, bv);
         kernels::rms_norm(s_.x.data(), T, d, w.attn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
-        kernels::matmul(s_.h.data(), T, d, w.q->data.data(), wdt, qd, bq, s_.q.data(), qd, nt);
-        kernels::matmul(s_.h.data(), T, d, w.k->data.data(), wdt, kvd, bk, s_.k.data(), kvd, nt);
-        kernels::matmul(s_.h.data(), T, d, w.v->data.data(), wdt, kvd, bv, s_.v.data(), kvd, nt);
+        kernels::matmul(s_.h.data(), T, w.q->matrix(), bq, s_.q.data(), qd, nt);
+        kernels::matmul(s_.h.data(), T, w.k->matrix(), bk, s_.k.data(), kvd, nt);
+        kernels::matmul(s_.h.data(), T, w.v->matrix(), bv, s_.v.data(), kvd, nt);
         attention_layer(l, in);
-        kernels::matmul(s_.attn.data(), T, qd, w.attn_output->data.data(), wdt, d, nullptr, s_.tmp.data(), d, nt);
+        kernels::matmul(s_.attn.data(), T, w.attn_output->matrix(), nullptr, s_.tmp.data(), d, nt);
         for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
         kernels::rms_norm(s_.x.data(), T, d, w.ffn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
-        kernels::matmul(s_.h.data(), T, d, w.gate->data.data(), wdt, p.n_ff, nullptr, s_.gate.data(), p.n_ff, nt);
-        kernels::matmul(s_.h.data(), T, d, w.up->data.data(), wdt, p.n_ff, nullptr, s_.up.data(), p.n_ff, nt);
+        kernels::matmul(s_.h.data(), T, w.gate->matrix(), nullptr, s_.gate.data(), p.n_ff, nt);
+        kernels::matmul(s_.h.data(), T, w.up->matrix(), nullptr, s_.up.data(), p.n_ff, nt);
         kernels::silu_mul(s_.gate.data(), s_.up.data(), int64_t(T) * p.n_ff, s_.gate.data(), nt);
-        kernels::matmul(s_.gate.data(), T, p.n_ff, w.down->data.data(), wdt, d, nullptr, s_.tmp.data(), d, nt);
+        kernels::matmul(s_.gate.data(), T, w.down->matrix(), nullptr, s_.tmp.data(), d, nt);
         for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
     }
     const int32_t R = int32_t(in.out_rows.size());
@@ -190,7 +188,7 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
     for (int32_t r = 0; r < R; ++r)
         std::memcpy(&s_.tmp[size_t(r) * d], &s_.x[size_t(in.out_rows[size_t(r)]) * d], sizeof(float) * size_t(d));
     kernels::rms_norm(s_.tmp.data(), R, d, output_norm_->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
-    kernels::matmul(s_.h.data(), R, d, output_->data.data(), wdt, p.n_vocab, nullptr, out, p.n_vocab, nt);
+    kernels::matmul(s_.h.data(), R, output_->matrix(), nullptr, out, p.n_vocab, nt);
     return LLAISYS_OK;
 }
 
