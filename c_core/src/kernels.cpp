@@ -192,8 +192,11 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int3
                    int32_t ldy, int32_t n_threads) {
     const int32_t k_even = (k + 1) / 2 * 2, pairs = k_even / 2;
     static thread_local std::vector<uint16_t> xb;
-    xb.assign(size_t(m) * size_t(k_even), 0);
-    for (int32_t r = 0; r < m; ++r) round_to_bf16(x + size_t(r) * k, k, xb.data() + size_t(r) * k_even);
+    xb.resize(size_t(m) * size_t(k_even));
+    for (int32_t r = 0; r < m; ++r) {
+        round_to_bf16(x + size_t(r) * k, k, xb.data() + size_t(r) * k_even);
+        if (k_even != k) xb[size_t(r) * k_even + size_t(k)] = 0; // the pad of an odd k
+    }
     const uint16_t *xbf = xb.data(); // the caller's buffer: xb names another one in each worker thread
     const int64_t stride = panel_elems(k);
     const int32_t n_panels = (n + kPanel - 1) / kPanel;
@@ -201,7 +204,7 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int3
     // k blocks keep a tile's weight panels (NR x 16 x 2 x 256 pairs = 64 KB) in L2 across the row
     // blocks; row blocks keep their activations there while the panels stream past.
     const int32_t pair_block = 256;
-    const int32_t m_block = std::max(kPackedMR, std::min(m, 96 * 1024 / (2 * 2 * pair_block)) / kPackedMR * kPackedMR);
+    const int32_t m_block = 96 * 1024 / (2 * 2 * pair_block);
     const bool parallel = int64_t(m) * n * k > 32768;
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
@@ -220,10 +223,14 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int3
                     const int32_t panel = t * kPackedNR;
                     const int32_t nr = std::min(kPackedNR, n_panels - panel);
                     const int32_t n_valid = std::min(n - panel * kPanel, nr * kPanel);
-                    for (int32_t i0 = m0; i0 < m1; i0 += kPackedMR) {
-                        const int32_t mr = std::min(kPackedMR, m1 - i0);
+                    // Rows split evenly over the fewest tiles: a thin last tile would load as many
+                    // weights as a full one for fewer rows.
+                    const int32_t rows = m1 - m0, n_sub = (rows + kPackedMR - 1) / kPackedMR;
+                    for (int32_t sub = 0, i0 = m0; sub < n_sub; ++sub) {
+                        const int32_t mr = rows / n_sub + (sub < rows % n_sub ? 1 : 0);
                         packed_tile_for(mr, nr)(xbf + size_t(i0) * k_even, k_even, w + panel * stride, stride,
                                                 p0, p1, p0 > 0, y + size_t(i0) * ldy + panel * kPanel, ldy, n_valid);
+                        i0 += mr;
                     }
                 }
             }
@@ -295,7 +302,42 @@ void matmul_t(const typename K::X *x, int32_t m, int32_t k, const typename K::W 
     }
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// e^x for 16 lanes: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative
+// error about 2e-7, near float rounding); inputs are clamped to the finite range.
+inline v16f exp16(v16f x) {
+    const v16f hi = v16f{} + 88.3762626647949f, lo = v16f{} - 87.3365447505531f;
+    x = x > hi ? hi : x;
+    x = x < lo ? lo : x;
+    const v16f round_magic = v16f{} + 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
+    const v16f n = (x * 1.44269504088896341f + round_magic) - round_magic;
+    const v16f r = x - n * 0.693359375f - n * -2.12194440e-4f; // ln 2 in two parts, exact first product
+    v16f p = v16f{} + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16f scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// f applied to n floats 16 at a time; the tail goes through a zero-padded vector.
+template <class F> void map16(const float *in, int64_t n, float *out, F f) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        v16f v = f(F32::load(in + i));
+        std::memcpy(out + i, &v, sizeof v);
+    }
+    if (i < n) {
+        v16f v = f(load_tail<F32>(in + i, int32_t(n - i)));
+        std::memcpy(out + i, &v, sizeof(float) * size_t(n - i));
+    }
+}
 
 } // namespace
 
@@ -432,8 +474,13 @@ void rope_move(float *v, int32_t head_dim, int32_t old_pos, int32_t new_pos, con
 }
 
 void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t n_threads) {
+    const int64_t chunk = 4096; // a multiple of 16, so chunks split no vector
 #pragma omp parallel for num_threads(n_threads) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) out[i] = silu(gate[i]) * up[i];
+    for (int64_t c = 0; c < n; c += chunk) {
+        const int64_t len = std::min(chunk, n - c);
+        map16(gate + c, len, out + c, [](v16f g) { return g / (1.0f + exp16(-g)); });
+        for (int64_t i = c; i < c + len; ++i) out[i] *= up[i];
+    }
 }
 
 template <class L>
@@ -451,11 +498,9 @@ static void attention_t(const float *q, int32_t n_q, int32_t head_dim, const int
             scores[j] = hsum(acc) * scale;
             max_score = std::max(max_score, scores[j]);
         }
+        map16(scores, n_cells, scores, [max_score](v16f v) { return exp16(v - max_score); });
         float total = 0.0f;
-        for (int32_t j = 0; j < n_cells; ++j) {
-            scores[j] = std::exp(scores[j] - max_score);
-            total += scores[j];
-        }
+        for (int32_t j = 0; j < n_cells; ++j) total += scores[j];
         const float inv_total = 1.0f / total;
         std::fill(oh, oh + head_dim, 0.0f);
         for (int32_t j = 0; j < n_cells; ++j) {
