@@ -188,8 +188,9 @@ template <int MR = kPackedMR> PackedTileFn packed_tile_for(int mr, int nr) {
     return packed_tile_for_nr<MR>(nr);
 }
 
-void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int32_t n, const float *bias, float *y,
-                   int32_t ldy, int32_t n_threads) {
+// Several packed products of the same x in one parallel region: their tiles are shared out
+// together, so small matrices (k and v) neither idle a thread nor cost a barrier of their own.
+void matmul_packed(const float *x, int32_t m, int32_t k, const MatmulOut *outs, int32_t count, int32_t n_threads) {
     const int32_t k_even = (k + 1) / 2 * 2, pairs = k_even / 2;
     static thread_local std::vector<uint16_t> xb;
     xb.resize(size_t(m) * size_t(k_even));
@@ -199,14 +200,20 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int3
     }
     const uint16_t *xbf = xb.data(); // the caller's buffer: xb names another one in each worker thread
     const int64_t stride = panel_elems(k);
-    const int32_t n_panels = (n + kPanel - 1) / kPanel;
-    const int32_t n_tiles = (n_panels + kPackedNR - 1) / kPackedNR;
+    // first_tile[o]: index of output o's first tile in the shared numbering.
+    std::vector<int32_t> first_tile(size_t(count) + 1, 0);
+    int64_t flops = 0;
+    for (int32_t o = 0; o < count; ++o) {
+        const int32_t n_panels = (outs[o].w.n + kPanel - 1) / kPanel;
+        first_tile[size_t(o) + 1] = first_tile[size_t(o)] + (n_panels + kPackedNR - 1) / kPackedNR;
+        flops += int64_t(m) * outs[o].w.n * k;
+    }
+    const int32_t n_tiles = first_tile[size_t(count)];
     // k blocks keep a tile's weight panels (NR x 16 x 2 x 256 pairs = 64 KB) in L2 across the row
     // blocks; row blocks keep their activations there while the panels stream past.
     const int32_t pair_block = 256;
     const int32_t m_block = 96 * 1024 / (2 * 2 * pair_block);
-    const bool parallel = int64_t(m) * n * k > 32768;
-#pragma omp parallel num_threads(n_threads) if (parallel)
+#pragma omp parallel num_threads(n_threads) if (flops > 32768)
     {
         int32_t tid = 0, nth = 1;
 #ifdef _OPENMP
@@ -219,27 +226,33 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const uint16_t *w, int3
             const int32_t p1 = std::min(pairs, p0 + pair_block);
             for (int32_t m0 = 0; m0 < m; m0 += m_block) {
                 const int32_t m1 = std::min(m, m0 + m_block);
+                int32_t o = 0;
                 for (int32_t t = t0; t < t1; ++t) {
-                    const int32_t panel = t * kPackedNR;
+                    while (t >= first_tile[size_t(o) + 1]) ++o;
+                    const MatmulOut &out = outs[o];
+                    const int32_t n = out.w.n, n_panels = (n + kPanel - 1) / kPanel;
+                    const int32_t panel = (t - first_tile[size_t(o)]) * kPackedNR;
                     const int32_t nr = std::min(kPackedNR, n_panels - panel);
                     const int32_t n_valid = std::min(n - panel * kPanel, nr * kPanel);
+                    const uint16_t *w = static_cast<const uint16_t *>(out.w.data) + panel * stride;
                     // Rows split evenly over the fewest tiles: a thin last tile would load as many
                     // weights as a full one for fewer rows.
                     const int32_t rows = m1 - m0, n_sub = (rows + kPackedMR - 1) / kPackedMR;
                     for (int32_t sub = 0, i0 = m0; sub < n_sub; ++sub) {
                         const int32_t mr = rows / n_sub + (sub < rows % n_sub ? 1 : 0);
-                        packed_tile_for(mr, nr)(xbf + size_t(i0) * k_even, k_even, w + panel * stride, stride,
-                                                p0, p1, p0 > 0, y + size_t(i0) * ldy + panel * kPanel, ldy, n_valid);
+                        packed_tile_for(mr, nr)(xbf + size_t(i0) * k_even, k_even, w, stride, p0, p1, p0 > 0,
+                                                out.y + size_t(i0) * out.ldy + panel * kPanel, out.ldy, n_valid);
                         i0 += mr;
                     }
                 }
             }
         }
-        if (bias) {
 #pragma omp barrier
+        for (int32_t o = 0; o < count; ++o) {
+            if (!outs[o].bias) continue;
 #pragma omp for
             for (int32_t r = 0; r < m; ++r)
-                for (int32_t j = 0; j < n; ++j) y[size_t(r) * ldy + j] += bias[j];
+                for (int32_t j = 0; j < outs[o].w.n; ++j) outs[o].y[size_t(r) * outs[o].ldy + j] += outs[o].bias[j];
         }
     }
 }
@@ -342,22 +355,37 @@ template <class F> void map16(const float *in, int64_t n, float *out, F f) {
 } // namespace
 
 void matmul(const float *x, int32_t m, const Matrix &w, const float *bias, float *y, int32_t ldy, int32_t n_threads) {
-    const uint16_t *w16 = static_cast<const uint16_t *>(w.data);
-    const int32_t n = w.n, k = w.k;
-    switch (w.dtype) {
-    case LLAISYS_DTYPE_F32:
-        matmul_t<FmaKernel<F32>>(x, m, k, static_cast<const float *>(w.data), n, bias, y, ldy, n_threads);
-        break;
-    case LLAISYS_DTYPE_F16: matmul_t<FmaKernel<F16>>(x, m, k, w16, n, bias, y, ldy, n_threads); break;
-    default:
-        if (w.packed) {
+    const MatmulOut out = {w, bias, y, ldy};
+    matmul_many(x, m, &out, 1, n_threads);
+}
+
+void matmul_many(const float *x, int32_t m, const MatmulOut *outs, int32_t count, int32_t n_threads) {
+    if (count == 0) return;
 #if defined(__AVX512BF16__)
-            matmul_packed(x, m, k, w16, n, bias, y, ldy, n_threads);
+    bool all_packed = true;
+    for (int32_t o = 0; o < count; ++o) all_packed = all_packed && outs[o].w.packed && outs[o].w.k == outs[0].w.k;
+    if (all_packed) {
+        matmul_packed(x, m, outs[0].w.k, outs, count, n_threads);
+        return;
+    }
 #endif
-        } else {
-            matmul_t<FmaKernel<BF16>>(x, m, k, w16, n, bias, y, ldy, n_threads);
+    for (int32_t o = 0; o < count; ++o) {
+        const MatmulOut &out = outs[o];
+        const int32_t n = out.w.n, k = out.w.k;
+        switch (out.w.dtype) {
+        case LLAISYS_DTYPE_F32:
+            matmul_t<FmaKernel<F32>>(x, m, k, static_cast<const float *>(out.w.data), n, out.bias, out.y, out.ldy,
+                                     n_threads);
+            break;
+        case LLAISYS_DTYPE_F16:
+            matmul_t<FmaKernel<F16>>(x, m, k, static_cast<const uint16_t *>(out.w.data), n, out.bias, out.y, out.ldy,
+                                     n_threads);
+            break;
+        default:
+            matmul_t<FmaKernel<BF16>>(x, m, k, static_cast<const uint16_t *>(out.w.data), n, out.bias, out.y,
+                                      out.ldy, n_threads);
+            break;
         }
-        break;
     }
 }
 

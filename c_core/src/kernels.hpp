@@ -27,6 +27,16 @@ void matrix_row(const Matrix &w, int32_t row, float *out);
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); y has row stride ldy.
 void matmul(const float *x, int32_t m, const Matrix &w, const float *bias, float *y, int32_t ldy, int32_t n_threads);
 
+// One product of a shared x: y = x w^T (+ bias).
+struct MatmulOut {
+    Matrix w;
+    const float *bias;
+    float *y;
+    int32_t ldy;
+};
+// Several products of the same x (same k), computed together.
+void matmul_many(const float *x, int32_t m, const MatmulOut *outs, int32_t count, int32_t n_threads);
+
 // out[m, :] = x[m, :] / rms(x[m, :]) * weight (weight in `dtype`).
 void rms_norm(const float *x, int32_t m, int32_t d, const void *weight, int32_t dtype, float eps, float *out,
               int32_t n_threads);

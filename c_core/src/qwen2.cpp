@@ -170,15 +170,17 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
         kernels::to_f32(w.k_bias->data.data(), wdt, kvd, bk);
         kernels::to_f32(w.v_bias->data.data(), wdt, kvd, bv);
         kernels::rms_norm(s_.x.data(), T, d, w.attn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
-        kernels::matmul(s_.h.data(), T, w.q->matrix(), bq, s_.q.data(), qd, nt);
-        kernels::matmul(s_.h.data(), T, w.k->matrix(), bk, s_.k.data(), kvd, nt);
-        kernels::matmul(s_.h.data(), T, w.v->matrix(), bv, s_.v.data(), kvd, nt);
+        const kernels::MatmulOut qkv[] = {{w.q->matrix(), bq, s_.q.data(), qd},
+                                           {w.k->matrix(), bk, s_.k.data(), kvd},
+                                           {w.v->matrix(), bv, s_.v.data(), kvd}};
+        kernels::matmul_many(s_.h.data(), T, qkv, 3, nt);
         attention_layer(l, in);
         kernels::matmul(s_.attn.data(), T, w.attn_output->matrix(), nullptr, s_.tmp.data(), d, nt);
         for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
         kernels::rms_norm(s_.x.data(), T, d, w.ffn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
-        kernels::matmul(s_.h.data(), T, w.gate->matrix(), nullptr, s_.gate.data(), p.n_ff, nt);
-        kernels::matmul(s_.h.data(), T, w.up->matrix(), nullptr, s_.up.data(), p.n_ff, nt);
+        const kernels::MatmulOut gate_up[] = {{w.gate->matrix(), nullptr, s_.gate.data(), p.n_ff},
+                                               {w.up->matrix(), nullptr, s_.up.data(), p.n_ff}};
+        kernels::matmul_many(s_.h.data(), T, gate_up, 2, nt);
         kernels::silu_mul(s_.gate.data(), s_.up.data(), int64_t(T) * p.n_ff, s_.gate.data(), nt);
         kernels::matmul(s_.gate.data(), T, w.down->matrix(), nullptr, s_.tmp.data(), d, nt);
         for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
