@@ -163,6 +163,7 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
         kernels::matrix_row(token_embd_->matrix(), in.token[size_t(i)], &s_.x[size_t(i) * d]);
     }
     float *bq = s_.bias.data(), *bk = bq + qd, *bv = bk + kvd;
+    int32_t rows = T; // rows still computed: all tokens, then only the output rows after the last attention
     for (int32_t l = 0; l < p.n_layer; ++l) {
         if (should_abort()) return LLAISYS_ABORTED;
         const LayerWeights &w = layers_[size_t(l)];
@@ -175,22 +176,30 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
                                            {w.v->matrix(), bv, s_.v.data(), kvd}};
         kernels::matmul_many(s_.h.data(), T, qkv, 3, nt);
         attention_layer(l, in);
-        kernels::matmul(s_.attn.data(), T, w.attn_output->matrix(), nullptr, s_.tmp.data(), d, nt);
-        for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
-        kernels::rms_norm(s_.x.data(), T, d, w.ffn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
+        if (l == p.n_layer - 1) {
+            // Past the last attention only the output rows matter: keep those (out_rows ascend,
+            // so copying forward in place is safe) and skip the rest of the layer for the others.
+            rows = int32_t(in.out_rows.size());
+            for (int32_t r = 0; r < rows; ++r) {
+                const size_t src = size_t(in.out_rows[size_t(r)]);
+                std::memmove(&s_.x[size_t(r) * d], &s_.x[src * d], sizeof(float) * size_t(d));
+                std::memmove(&s_.attn[size_t(r) * qd], &s_.attn[src * qd], sizeof(float) * size_t(qd));
+            }
+        }
+        const size_t n_x = size_t(rows) * d;
+        kernels::matmul(s_.attn.data(), rows, w.attn_output->matrix(), nullptr, s_.tmp.data(), d, nt);
+        for (size_t j = 0; j < n_x; ++j) s_.x[j] += s_.tmp[j];
+        kernels::rms_norm(s_.x.data(), rows, d, w.ffn_norm->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
         const kernels::MatmulOut gate_up[] = {{w.gate->matrix(), nullptr, s_.gate.data(), p.n_ff},
                                                {w.up->matrix(), nullptr, s_.up.data(), p.n_ff}};
-        kernels::matmul_many(s_.h.data(), T, gate_up, 2, nt);
-        kernels::silu_mul(s_.gate.data(), s_.up.data(), int64_t(T) * p.n_ff, s_.gate.data(), nt);
-        kernels::matmul(s_.gate.data(), T, w.down->matrix(), nullptr, s_.tmp.data(), d, nt);
-        for (size_t j = 0; j < s_.x.size(); ++j) s_.x[j] += s_.tmp[j];
+        kernels::matmul_many(s_.h.data(), rows, gate_up, 2, nt);
+        kernels::silu_mul(s_.gate.data(), s_.up.data(), int64_t(rows) * p.n_ff, s_.gate.data(), nt);
+        kernels::matmul(s_.gate.data(), rows, w.down->matrix(), nullptr, s_.tmp.data(), d, nt);
+        for (size_t j = 0; j < n_x; ++j) s_.x[j] += s_.tmp[j];
     }
-    const int32_t R = int32_t(in.out_rows.size());
-    if (R == 0) return LLAISYS_OK;
-    for (int32_t r = 0; r < R; ++r)
-        std::memcpy(&s_.tmp[size_t(r) * d], &s_.x[size_t(in.out_rows[size_t(r)]) * d], sizeof(float) * size_t(d));
-    kernels::rms_norm(s_.tmp.data(), R, d, output_norm_->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
-    kernels::matmul(s_.h.data(), R, output_->matrix(), nullptr, out, p.n_vocab, nt);
+    if (rows == 0) return LLAISYS_OK;
+    kernels::rms_norm(s_.x.data(), rows, d, output_norm_->data.data(), wdt, p.rms_norm_eps, s_.h.data(), nt);
+    kernels::matmul(s_.h.data(), rows, output_->matrix(), nullptr, out, p.n_vocab, nt);
     return LLAISYS_OK;
 }
 
