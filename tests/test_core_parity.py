@@ -6,6 +6,7 @@ Tolerances (max |logit difference| against transformers in float32 on the same w
   path does), so 1e-2 for the tiny random model (measured 1.7e-3) and 0.25 for the default model
   (measured 0.096; its logits span about +-30). The argmax must still agree at every step.
 """
+import numpy as np
 import pytest
 
 from parity import greedy_parity
@@ -42,3 +43,25 @@ def test_default_model_parity(default_model):
     worst, _ = greedy_parity(default_model, prompts, steps=8, late_prompt=late)
     print(f"default model: max |logit diff| = {worst:.2e}")
     assert worst < DEFAULT_TOL, worst
+
+
+def test_qwen2_kv_shift_keeps_attention_correct(tiny_qwen2_dir):
+    """After KvSeqAdd the cached keys are re-rotated: the next token sees the same relative
+    positions, so (RoPE being relative) its logits equal those of the unshifted sequence. The
+    cells are shared with another sequence, which the shift must leave where it was."""
+    from llaisys.core import Batch
+    from llaisys.models import RuntimeOptions, load_model
+
+    prompt, nxt, shift = [5, 9, 33, 70, 2], 17, 7
+    model = load_model(tiny_qwen2_dir, RuntimeOptions(n_ctx=64, n_seq_max=3)).model
+    model.decode(Batch(prompt + [nxt], seq_ids=2))
+    reference = model.logits_ith(-1).copy()
+    model.decode(Batch(prompt, seq_ids=[[0, 1]] * len(prompt)))  # cells shared by seqs 0 and 1
+    model.kv_seq_add(0, -1, -1, shift)
+    assert (model.kv_seq_pos_min(0), model.kv_seq_pos_max(0)) == (shift, shift + len(prompt) - 1)
+    assert model.kv_seq_pos_max(1) == len(prompt) - 1  # the other sequence keeps its positions
+    model.decode(Batch([nxt, nxt], pos=[shift + len(prompt), len(prompt)], seq_ids=[0, 1], logits=[1, 1]))
+    shifted, unshifted = model.logits()
+    np.testing.assert_allclose(unshifted, reference, rtol=0, atol=1e-6)
+    # Without re-rotated keys the relative positions would be off by `shift`: far beyond 1e-3.
+    np.testing.assert_allclose(shifted, reference, rtol=0, atol=1e-3)

@@ -476,29 +476,32 @@ void rms_norm(const float *x, int32_t m, int32_t d, const void *weight, int32_t 
     }
 }
 
-void rope(float *v, int32_t head_dim, int32_t pos, const float *inv_freq) {
+void rope_angles(int32_t pos, const float *inv_freq, int32_t half, float *cos_out, float *sin_out) {
+    for (int32_t i = 0; i < half; ++i) {
+        const float angle = float(pos) * inv_freq[i]; // f32 product, as transformers computes it
+        cos_out[i] = std::cos(angle);
+        sin_out[i] = std::sin(angle);
+    }
+}
+
+void rope(float *v, int32_t head_dim, const float *cos, const float *sin) {
     const int32_t half = head_dim / 2;
     for (int32_t i = 0; i < half; ++i) {
-        const float angle = float(pos) * inv_freq[i];
-        const float c = std::cos(angle), s = std::sin(angle);
         const float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i] + a * sin[i];
     }
 }
 
 void rope_move(float *v, int32_t head_dim, int32_t old_pos, int32_t new_pos, const float *inv_freq) {
     const int32_t half = head_dim / 2;
-    for (int32_t i = 0; i < half; ++i) {
-        const float back = -float(old_pos) * inv_freq[i];
-        const float fwd = float(new_pos) * inv_freq[i];
-        const float a = v[i], b = v[i + half];
-        // Undo the old rotation first, then apply the new one, each with its own exact angle.
-        const float ua = a * std::cos(back) - b * std::sin(back);
-        const float ub = b * std::cos(back) + a * std::sin(back);
-        v[i] = ua * std::cos(fwd) - ub * std::sin(fwd);
-        v[i + half] = ub * std::cos(fwd) + ua * std::sin(fwd);
-    }
+    std::vector<float> c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
+    // Undo the old rotation (the same angles, sine negated), then apply the new one.
+    rope_angles(old_pos, inv_freq, half, c.data(), s.data());
+    for (float &x : s) x = -x;
+    rope(v, head_dim, c.data(), s.data());
+    rope_angles(new_pos, inv_freq, half, c.data(), s.data());
+    rope(v, head_dim, c.data(), s.data());
 }
 
 void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t n_threads) {

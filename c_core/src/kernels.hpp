@@ -46,8 +46,10 @@ void to_f32(const void *src, int32_t dtype, int64_t n, float *dst);
 // Convert n f32 to `dtype`.
 void from_f32(const float *src, int64_t n, int32_t dtype, void *dst);
 
-// Rotate one head vector in place (NeoX layout: pairs (i, i + d/2)) for position pos.
-void rope(float *v, int32_t head_dim, int32_t pos, const float *inv_freq);
+// cos and sin of pos * inv_freq[i] for i < half: the rotation of one position, shared by its heads.
+void rope_angles(int32_t pos, const float *inv_freq, int32_t half, float *cos_out, float *sin_out);
+// Rotate one head vector in place by those angles (NeoX layout: pairs (i, i + d/2)).
+void rope(float *v, int32_t head_dim, const float *cos, const float *sin);
 // Undo the rotation for old_pos and apply the one for new_pos.
 void rope_move(float *v, int32_t head_dim, int32_t old_pos, int32_t new_pos, const float *inv_freq);
 

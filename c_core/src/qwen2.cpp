@@ -19,6 +19,7 @@ struct LayerWeights {
 // Scratch of one forward pass, grown to the largest batch seen.
 struct RunState {
     std::vector<float> x, h, q, k, v, attn, tmp, gate, up, bias;
+    std::vector<float> rope_cos, rope_sin; // per token: its rotation, head_dim / 2 each
     std::vector<int32_t> n_visible; // cells each token attends to (a prefix of its view)
 };
 
@@ -112,10 +113,9 @@ void Qwen2Model::attention_layer(int32_t layer, const DecodeInput &in) {
     uint8_t *vc = v_cache_[size_t(layer)].data();
 #pragma omp parallel for num_threads(p.n_threads) if (T > 1)
     for (int32_t i = 0; i < T; ++i) {
-        const int32_t pos = in.pos[size_t(i)];
-        for (int32_t h = 0; h < p.n_head; ++h) kernels::rope(&s_.q[size_t(i) * qd + size_t(h) * hd], hd, pos, inv_freq_.data());
-        for (int32_t h = 0; h < p.n_head_kv; ++h)
-            kernels::rope(&s_.k[size_t(i) * kvd + size_t(h) * hd], hd, pos, inv_freq_.data());
+        const float *cos = &s_.rope_cos[size_t(i) * hd / 2], *sin = &s_.rope_sin[size_t(i) * hd / 2];
+        for (int32_t h = 0; h < p.n_head; ++h) kernels::rope(&s_.q[size_t(i) * qd + size_t(h) * hd], hd, cos, sin);
+        for (int32_t h = 0; h < p.n_head_kv; ++h) kernels::rope(&s_.k[size_t(i) * kvd + size_t(h) * hd], hd, cos, sin);
         const size_t cell = size_t(in.cell[size_t(i)]);
         kernels::from_f32(&s_.k[size_t(i) * kvd], kvd, p.kv_dtype, kc + cell * row);
         kernels::from_f32(&s_.v[size_t(i) * kvd], kvd, p.kv_dtype, vc + cell * row);
@@ -154,6 +154,8 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
     s_.up.resize(size_t(T) * p.n_ff);
     s_.bias.resize(size_t(qd + 2 * kvd));
     s_.n_visible.resize(size_t(T));
+    s_.rope_cos.resize(size_t(T) * hd / 2);
+    s_.rope_sin.resize(size_t(T) * hd / 2);
     for (int32_t i = 0; i < T; ++i) {
         const std::vector<int32_t> &view = in.views[size_t(in.view[size_t(i)])];
         const int32_t pos = in.pos[size_t(i)];
@@ -161,6 +163,8 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
                                                            [this](int32_t p0, int32_t c) { return p0 < cells.pos(c); }) -
                                           view.begin());
         kernels::matrix_row(token_embd_->matrix(), in.token[size_t(i)], &s_.x[size_t(i) * d]);
+        kernels::rope_angles(pos, inv_freq_.data(), hd / 2, &s_.rope_cos[size_t(i) * hd / 2],
+                             &s_.rope_sin[size_t(i) * hd / 2]);
     }
     float *bq = s_.bias.data(), *bk = bq + qd, *bv = bk + kvd;
     int32_t rows = T; // rows still computed: all tokens, then only the output rows after the last attention
