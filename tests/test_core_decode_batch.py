@@ -14,17 +14,10 @@ import pytest
 from llaisys._core import ffi, lib
 from llaisys.core import Batch, Model
 
+from mock_oracle import mock_row
+
 V = 37
 
-
-def mock_row(bias: np.ndarray, history, pos: int) -> np.ndarray:
-    n = len(bias)
-    h = 0
-    for tok, p in history:
-        if p <= pos:
-            h = (h + tok * (p + 1)) % n
-    dist = ((np.arange(n) - h) % n).astype(np.float32)
-    return bias.astype(np.float32) - np.float32(0.25) * dist
 
 
 class Oracle:

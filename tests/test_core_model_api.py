@@ -15,18 +15,10 @@ from llaisys._core import ffi, lib
 from llaisys.core import (Batch, DecodeAbortedError, InvalidArgumentError, KVCacheFullError, LlaisysError, Model,
                           ModelNotReadyError, ModelParams)
 
+from mock_oracle import mock_row
+
 V = 31  # mock vocabulary (prime, so the hash mod V moves with every token)
 
-
-def mock_row(bias: np.ndarray, history, pos: int) -> np.ndarray:
-    """Reference logits of the mock for an output at `pos` of a sequence whose cells are history=[(token, pos)]."""
-    n = len(bias)
-    h = 0
-    for tok, p in history:
-        if p <= pos:
-            h = (h + tok * (p + 1)) % n
-    dist = ((np.arange(n) - h) % n).astype(np.float32)
-    return bias.astype(np.float32) - np.float32(0.25) * dist
 
 
 def make_mock(n_ctx=16, n_seq_max=4, n_batch=8, bias=None, **kw) -> Model:

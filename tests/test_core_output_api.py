@@ -8,16 +8,10 @@ import pytest
 from llaisys._core import ffi, lib
 from llaisys.core import Batch, InvalidArgumentError, Model
 
+from mock_oracle import mock_row
+
 V = 23
 
-
-def mock_row(bias, history, pos):
-    n = len(bias)
-    h = 0
-    for tok, p in history:
-        if p <= pos:
-            h = (h + tok * (p + 1)) % n
-    return bias.astype(np.float32) - np.float32(0.25) * ((np.arange(n) - h) % n).astype(np.float32)
 
 
 @pytest.fixture

@@ -15,17 +15,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from llaisys.core import Batch, InvalidArgumentError, KVCacheFullError, LlaisysError, Model
 
+from mock_oracle import mock_row
+
 V = 29
 
-
-def mock_row(bias, history, pos):
-    """The mock's logits for an output at `pos` of a sequence whose cells hold history=[(token, pos)]."""
-    n = len(bias)
-    h = 0
-    for tok, p in history:
-        if p <= pos:
-            h = (h + tok * (p + 1)) % n
-    return bias.astype(np.float32) - np.float32(0.25) * ((np.arange(n) - h) % n).astype(np.float32)
 
 
 BIAS = np.random.default_rng(11).standard_normal(V).astype(np.float32)

@@ -10,6 +10,9 @@
 #endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
+// GCC 12's AVX-512 headers build "undefined" vectors from themselves, which -Wuninitialized flags.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 #include "common.hpp"
@@ -59,6 +62,17 @@ struct F16 {
         return __builtin_convertvector(h, v16f);
     }
 };
+
+// The contiguous share [begin, end) of n items for the calling OpenMP thread.
+inline void thread_share(int32_t n, int32_t &begin, int32_t &end) {
+    int32_t tid = 0, nth = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    begin = int32_t(int64_t(n) * tid / nth);
+    end = int32_t(int64_t(n) * (tid + 1) / nth);
+}
 
 // Load the last k % 16 elements, zero-padded; zeros add nothing to a dot product.
 template <class L> v16f load_tail(const typename L::T *p, int32_t count) {
@@ -215,13 +229,8 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const MatmulOut *outs, 
     const int32_t m_block = 96 * 1024 / (2 * 2 * pair_block);
 #pragma omp parallel num_threads(n_threads) if (flops > 32768)
     {
-        int32_t tid = 0, nth = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
-        const int32_t t0 = int32_t(int64_t(n_tiles) * tid / nth);
-        const int32_t t1 = int32_t(int64_t(n_tiles) * (tid + 1) / nth);
+        int32_t t0, t1;
+        thread_share(n_tiles, t0, t1);
         for (int32_t p0 = 0; p0 < pairs; p0 += pair_block) {
             const int32_t p1 = std::min(pairs, p0 + pair_block);
             for (int32_t m0 = 0; m0 < m; m0 += m_block) {
@@ -289,17 +298,12 @@ void matmul_t(const typename K::X *x, int32_t m, int32_t k, const typename K::W 
     const int32_t n_tiles = (n + kNR - 1) / kNR;
     // Rows of x per block: keep the block in L2 while every weight tile streams past it.
     const int32_t x_row_bytes = int32_t(sizeof(typename K::X)) * std::max(k, 1);
-    const int32_t m_block = std::max(kMR, std::min(512, (512 * 1024 / x_row_bytes) / kMR * kMR));
+    const int32_t m_block = std::max(kMR, (256 * 1024 / x_row_bytes) / kMR * kMR);
     const bool parallel = int64_t(m) * n * k > 32768;
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
-        int32_t tid = 0, nth = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
-        const int32_t t0 = int32_t(int64_t(n_tiles) * tid / nth);
-        const int32_t t1 = int32_t(int64_t(n_tiles) * (tid + 1) / nth);
+        int32_t t0, t1;
+        thread_share(n_tiles, t0, t1);
         for (int32_t m0 = 0; m0 < m; m0 += m_block) {
             const int32_t m1 = std::min(m, m0 + m_block);
             for (int32_t t = t0; t < t1; ++t) {
