@@ -1,6 +1,7 @@
 """Model adapters: a registry from config.json's model_type to the adapter that loads it."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 from .base import ModelAdapter, ModelLoadError, RuntimeOptions, read_config
@@ -25,7 +26,11 @@ def load_model(path: str | Path, options: RuntimeOptions | None = None) -> Model
     model_type = config.get("model_type")
     if model_type not in ADAPTERS:
         raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported (known: {sorted(ADAPTERS)})")
-    return ADAPTERS[model_type].from_pretrained(path, options)
+    adapter = ADAPTERS[model_type].from_pretrained(path, options)
+    # A tokenizer holds millions of Python objects that live as long as the model; moving them out
+    # of the collector's generations keeps every later collection from walking them.
+    gc.freeze()
+    return adapter
 
 
 __all__ = ["ADAPTERS", "ModelAdapter", "ModelLoadError", "RuntimeOptions", "load_model", "register"]
