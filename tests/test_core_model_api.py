@@ -185,11 +185,11 @@ def test_qwen2_n_head_not_multiple_of_n_head_kv():
     Model("qwen2", qwen2_params(n_head=8, n_head_kv=4)).close()  # a multiple is fine
 
 
-@pytest.mark.parametrize("head_dim", [8, 24, 40, 17])
-def test_qwen2_head_dim_not_multiple_of_16(head_dim):
+@pytest.mark.parametrize("head_dim", [8, 24, 40, 17, 48, 96, 512])
+def test_qwen2_head_dim_unsupported(head_dim):
     with pytest.raises(InvalidArgumentError) as info:
         Model("qwen2", qwen2_params(head_dim=head_dim))
-    assert "head_dim" in str(info.value) and "16" in str(info.value)
+    assert "head_dim" in str(info.value) and "16, 32, 64, 128 or 256" in str(info.value)
 
 
 @pytest.mark.parametrize("field", ["rope_theta", "rms_norm_eps"])

@@ -518,34 +518,52 @@ void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t
     }
 }
 
-template <class L>
-static void attention_t(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells,
-                        const typename L::T *k, const typename L::T *v, int64_t cell_stride, float scale,
-                        float *scores, float *out) {
-    for (int32_t h = 0; h < n_q; ++h) {
-        const float *qh = q + size_t(h) * head_dim;
-        float *oh = out + size_t(h) * head_dim;
-        float max_score = -INFINITY;
-        for (int32_t j = 0; j < n_cells; ++j) {
-            const typename L::T *kc = k + cells[j] * cell_stride;
+// Attention for head_dim = 16 * NV: each cached key and value is loaded once for all n_q heads
+// that share it, and each head's output stays in registers across the cells.
+template <class L, int NV>
+static void attention_t(const float *q, int32_t n_q, const int32_t *cells, int32_t n_cells, const typename L::T *k,
+                        const typename L::T *v, int64_t cell_stride, float scale, float *scores, float *out) {
+    constexpr int32_t head_dim = NV * kLanes;
+    for (int32_t j = 0; j < n_cells; ++j) {
+        const typename L::T *kc = k + cells[j] * cell_stride;
+        v16f key[NV];
+        for (int d = 0; d < NV; ++d) key[d] = L::load(kc + d * kLanes);
+        for (int32_t h = 0; h < n_q; ++h) {
+            const float *qh = q + size_t(h) * head_dim;
             v16f acc = {};
-            for (int32_t d = 0; d < head_dim; d += kLanes) acc += F32::load(qh + d) * L::load(kc + d);
-            scores[j] = hsum(acc) * scale;
-            max_score = std::max(max_score, scores[j]);
+            for (int d = 0; d < NV; ++d) acc += F32::load(qh + d * kLanes) * key[d];
+            scores[size_t(h) * n_cells + j] = hsum(acc) * scale;
         }
-        map16(scores, n_cells, scores, [max_score](v16f v) { return exp16(v - max_score); });
+    }
+    for (int32_t h = 0; h < n_q; ++h) {
+        float *sh = scores + size_t(h) * n_cells;
+        const float max_score = *std::max_element(sh, sh + n_cells);
+        map16(sh, n_cells, sh, [max_score](v16f x) { return exp16(x - max_score); });
         float total = 0.0f;
-        for (int32_t j = 0; j < n_cells; ++j) total += scores[j];
-        const float inv_total = 1.0f / total;
-        std::fill(oh, oh + head_dim, 0.0f);
+        for (int32_t j = 0; j < n_cells; ++j) total += sh[j];
+        v16f acc[NV] = {};
         for (int32_t j = 0; j < n_cells; ++j) {
             const typename L::T *vc = v + cells[j] * cell_stride;
-            const float p = scores[j] * inv_total;
-            for (int32_t d = 0; d < head_dim; d += kLanes) {
-                v16f o = F32::load(oh + d) + L::load(vc + d) * p;
-                std::memcpy(oh + d, &o, sizeof o);
-            }
+            for (int d = 0; d < NV; ++d) acc[d] += L::load(vc + d * kLanes) * sh[j];
         }
+        const float inv_total = 1.0f / total;
+        for (int d = 0; d < NV; ++d) {
+            const v16f o = acc[d] * inv_total;
+            std::memcpy(out + size_t(h) * head_dim + d * kLanes, &o, sizeof o);
+        }
+    }
+}
+
+template <class L>
+static void attention_dispatch(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells,
+                               const typename L::T *k, const typename L::T *v, int64_t cell_stride, float scale,
+                               float *scores, float *out) {
+    switch (head_dim / kLanes) {
+    case 4: attention_t<L, 4>(q, n_q, cells, n_cells, k, v, cell_stride, scale, scores, out); break;
+    case 8: attention_t<L, 8>(q, n_q, cells, n_cells, k, v, cell_stride, scale, scores, out); break;
+    case 2: attention_t<L, 2>(q, n_q, cells, n_cells, k, v, cell_stride, scale, scores, out); break;
+    case 1: attention_t<L, 1>(q, n_q, cells, n_cells, k, v, cell_stride, scale, scores, out); break;
+    default: attention_t<L, 16>(q, n_q, cells, n_cells, k, v, cell_stride, scale, scores, out); break;
     }
 }
 
@@ -553,15 +571,15 @@ void attention(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cel
                const void *v, int32_t kv_dtype, int64_t cell_stride, float scale, float *scores, float *out) {
     switch (kv_dtype) {
     case LLAISYS_DTYPE_F32:
-        attention_t<F32>(q, n_q, head_dim, cells, n_cells, static_cast<const float *>(k),
+        attention_dispatch<F32>(q, n_q, head_dim, cells, n_cells, static_cast<const float *>(k),
                          static_cast<const float *>(v), cell_stride, scale, scores, out);
         break;
     case LLAISYS_DTYPE_F16:
-        attention_t<F16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
+        attention_dispatch<F16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
                          static_cast<const uint16_t *>(v), cell_stride, scale, scores, out);
         break;
     default:
-        attention_t<BF16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
+        attention_dispatch<BF16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
                           static_cast<const uint16_t *>(v), cell_stride, scale, scores, out);
         break;
     }

@@ -58,7 +58,7 @@ void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t
 
 // Attention of n_q query heads that share one KV head, over the given cells in order:
 // out[h] = sum_c softmax_c(scale * q[h] . k_c) v_c. k and v point at this KV head inside cell 0;
-// cell_stride is the element distance between cells. scores is scratch of n_cells floats.
+// cell_stride is the element distance between cells. scores is scratch of n_q * n_cells floats.
 void attention(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells,
                const void *k, const void *v, int32_t kv_dtype, int64_t cell_stride, float scale, float *scores,
                float *out);

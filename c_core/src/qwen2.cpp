@@ -125,7 +125,7 @@ void Qwen2Model::attention_layer(int32_t layer, const DecodeInput &in) {
     const int32_t n_work = T * p.n_head_kv;
 #pragma omp parallel num_threads(p.n_threads) if (n_work > 1)
     {
-        std::vector<float> scores(size_t(p.n_ctx));
+        std::vector<float> scores(size_t(p.n_ctx) * size_t(group));
 #pragma omp for schedule(dynamic, 1)
         for (int32_t w = 0; w < n_work; ++w) {
             const int32_t i = w / p.n_head_kv, g = w % p.n_head_kv;
@@ -223,8 +223,9 @@ Model *create_qwen2(const llaisys_model_params &p) {
     if (p.n_head % p.n_head_kv != 0)
         throw InvalidArgument("qwen2 needs n_head (" + std::to_string(p.n_head) + ") to be a multiple of n_head_kv (" +
                               std::to_string(p.n_head_kv) + ")");
-    if (p.head_dim % 16 != 0)
-        throw InvalidArgument("qwen2 needs head_dim to be a multiple of 16, got " + std::to_string(p.head_dim));
+    // The attention kernel keeps a head in registers: 1, 2, 4, 8 or 16 vectors of 16 lanes.
+    if (p.head_dim % 16 != 0 || (p.head_dim / 16 & (p.head_dim / 16 - 1)) != 0 || p.head_dim > 256)
+        throw InvalidArgument("qwen2 needs head_dim 16, 32, 64, 128 or 256, got " + std::to_string(p.head_dim));
     if (!(p.rope_theta > 0.0f)) throw InvalidArgument("qwen2 needs rope_theta > 0");
     if (!(p.rms_norm_eps > 0.0f)) throw InvalidArgument("qwen2 needs rms_norm_eps > 0");
     return new Qwen2Model(p);
