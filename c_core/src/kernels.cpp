@@ -223,30 +223,28 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const MatmulOut *outs, 
         flops += int64_t(m) * outs[o].w.n * k;
     }
     const int32_t n_tiles = first_tile[size_t(count)];
-    // k blocks keep a tile's weight panels (NR x 16 x 2 x 256 pairs = 64 KB) in L2 across the row
-    // blocks; row blocks keep their activations there while the panels stream past.
+    // Tiles are handed out one at a time, so a core slowed by a neighbour never holds the other
+    // up. Within a tile, k blocks keep its weight panels (NR x 16 x 2 x 256 pairs = 64 KB) in L2
+    // while every row block of x passes them.
     const int32_t pair_block = 256;
     const int32_t m_block = 96 * 1024 / (2 * 2 * pair_block);
 #pragma omp parallel num_threads(n_threads) if (flops > 32768)
     {
-        int32_t t0, t1;
-        thread_share(n_tiles, t0, t1);
-        for (int32_t p0 = 0; p0 < pairs; p0 += pair_block) {
-            const int32_t p1 = std::min(pairs, p0 + pair_block);
-            for (int32_t m0 = 0; m0 < m; m0 += m_block) {
-                const int32_t m1 = std::min(m, m0 + m_block);
-                int32_t o = 0;
-                for (int32_t t = t0; t < t1; ++t) {
-                    while (t >= first_tile[size_t(o) + 1]) ++o;
-                    const MatmulOut &out = outs[o];
-                    const int32_t n = out.w.n, n_panels = (n + kPanel - 1) / kPanel;
-                    const int32_t panel = (t - first_tile[size_t(o)]) * kPackedNR;
-                    const int32_t nr = std::min(kPackedNR, n_panels - panel);
-                    const int32_t n_valid = std::min(n - panel * kPanel, nr * kPanel);
-                    const uint16_t *w = static_cast<const uint16_t *>(out.w.data) + panel * stride;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int32_t t = 0; t < n_tiles; ++t) {
+            const int32_t o = int32_t(std::upper_bound(first_tile.begin(), first_tile.end(), t) - first_tile.begin()) - 1;
+            const MatmulOut &out = outs[o];
+            const int32_t n = out.w.n, n_panels = (n + kPanel - 1) / kPanel;
+            const int32_t panel = (t - first_tile[size_t(o)]) * kPackedNR;
+            const int32_t nr = std::min(kPackedNR, n_panels - panel);
+            const int32_t n_valid = std::min(n - panel * kPanel, nr * kPanel);
+            const uint16_t *w = static_cast<const uint16_t *>(out.w.data) + panel * stride;
+            for (int32_t p0 = 0; p0 < pairs; p0 += pair_block) {
+                const int32_t p1 = std::min(pairs, p0 + pair_block);
+                for (int32_t m0 = 0; m0 < m; m0 += m_block) {
                     // Rows split evenly over the fewest tiles: a thin last tile would load as many
                     // weights as a full one for fewer rows.
-                    const int32_t rows = m1 - m0, n_sub = (rows + kPackedMR - 1) / kPackedMR;
+                    const int32_t rows = std::min(m, m0 + m_block) - m0, n_sub = (rows + kPackedMR - 1) / kPackedMR;
                     for (int32_t sub = 0, i0 = m0; sub < n_sub; ++sub) {
                         const int32_t mr = rows / n_sub + (sub < rows % n_sub ? 1 : 0);
                         packed_tile_for(mr, nr)(xbf + size_t(i0) * k_even, k_even, w, stride, p0, p1, p0 > 0,
