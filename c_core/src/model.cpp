@@ -163,7 +163,10 @@ int32_t llaisys_model::decode(const llaisys_batch &b) {
         }
         in.view[size_t(i)] = it->second;
     }
-    std::vector<float> out(in.out_rows.size() * size_t(params.n_vocab));
+    // Written into a second buffer, so a failed decode keeps the previous logits; both are reused
+    // across calls rather than allocated and zeroed again at every step.
+    std::vector<float> &out = next_logits_;
+    out.resize(in.out_rows.size() * size_t(params.n_vocab));
     try {
         status = forward(in, out.data());
     } catch (...) {
@@ -175,7 +178,7 @@ int32_t llaisys_model::decode(const llaisys_batch &b) {
         set_last_error("decode aborted by the abort callback");
         return status;
     }
-    logits = std::move(out);
+    std::swap(logits, out);
     n_outputs = int32_t(in.out_rows.size());
     output_ids.assign(size_t(in.n_tokens), -1);
     for (size_t r = 0; r < in.out_rows.size(); ++r) output_ids[size_t(in.out_rows[r])] = int32_t(r);

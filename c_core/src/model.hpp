@@ -79,6 +79,7 @@ struct llaisys_model : llaisys::KvTensorOps {
 
   private:
     int32_t validate(const llaisys_batch &batch, llaisys::DecodeInput &in);
+    std::vector<float> next_logits_; // the buffer the next decode writes its logits into
     std::unordered_map<std::string, size_t> slot_index_;
 };
 
