@@ -125,7 +125,9 @@ void Qwen2Model::attention_layer(int32_t layer, const DecodeInput &in) {
     const int32_t n_work = T * p.n_head_kv;
 #pragma omp parallel num_threads(p.n_threads) if (n_work > 1)
     {
-        std::vector<float> scores(size_t(p.n_ctx) * size_t(group));
+        // Per-thread scratch kept across calls: zeroing n_ctx x group floats per layer is not free.
+        static thread_local std::vector<float> scores;
+        scores.resize(size_t(p.n_ctx) * size_t(group));
 #pragma omp for schedule(dynamic, 1)
         for (int32_t w = 0; w < n_work; ++w) {
             const int32_t i = w / p.n_head_kv, g = w % p.n_head_kv;
