@@ -181,9 +181,19 @@ class Qwen2Adapter(ModelAdapter):
 
 
 def load_tokenizer(path: Path):
-    """The HF tokenizer of the directory, or None when it ships none (weights-only tests)."""
+    """The HF tokenizer of the directory, or None when it ships none (weights-only tests).
+
+    With a tokenizer.json the fast tokenizer class is loaded directly: AutoTokenizer would first
+    load the model config, whose module imports torch whenever torch is installed.
+    """
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer  # imported late: it is slow and torch-free here
+    # Imported late: transformers is slow to import and only the tokenizer is needed.
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
 
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    log.info("%s has no tokenizer.json: loading through AutoTokenizer", path)
     return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,25 @@
+"""Run time needs no torch: loading the default model and generating never imports it."""
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import sys
+from llaisys.greedy import greedy_token_ids
+from llaisys.models import RuntimeOptions, load_model
+adapter = load_model(sys.argv[1], RuntimeOptions(n_ctx=256))
+ids = list(greedy_token_ids(adapter, adapter.chat_token_ids([{"role": "user", "content": "Hi"}]), 4))
+assert ids, "nothing generated"
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+print(loaded[:5])
+sys.exit(1 if loaded else 0)
+"""
+
+
+@pytest.mark.slow
+def test_generation_imports_no_torch(default_model):
+    pytest.importorskip("torch")  # only meaningful where torch is installed and could sneak in
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(default_model)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"torch was imported: {result.stdout} {result.stderr[-2000:]}"
