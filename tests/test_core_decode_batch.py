@@ -230,7 +230,7 @@ def test_sequence_isolation_alone_vs_batched(seed):
                 ref.append(alone.logits_ith(-1).copy())
                 np.testing.assert_array_equal(ref[-1], oracle.decode([t], seq_ids=s)[0])
         assert len(ref) == len(got[s])
-        for a, b in zip(ref, got[s]):
+        for a, b in zip(ref, got[s], strict=True):
             np.testing.assert_array_equal(a, b)
 
 

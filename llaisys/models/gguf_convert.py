@@ -195,7 +195,7 @@ def _write_tokenizer(meta: dict[str, Any], out_dir: Path, vocab_size: int, max_l
 
     vocab: dict[str, int] = {}
     added: dict[str, dict[str, Any]] = {}
-    for token_id, (token, token_type) in enumerate(zip(tokens, types)):
+    for token_id, (token, token_type) in enumerate(zip(tokens, types, strict=True)):
         if token_type in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
             added[str(token_id)] = {
                 "content": token,

@@ -175,7 +175,7 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(_HEADER_LEN.pack(len(header_bytes)))
         f.write(header_bytes)
-        for _, _, dtype, _, array in layout:
+        for _, _, _, _, array in layout:
             # Force the little-endian layout the format prescribes.
             data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             f.write(data.reshape(-1).view(np.uint8))
