@@ -45,13 +45,14 @@ struct BF16 {
         // One widening move and one shift; the generic form below compiles to twice as many.
         __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
         return v16f(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-#endif
+#else
         v16u16 h;
         std::memcpy(&h, p, sizeof h);
         v16u32 bits = __builtin_convertvector(h, v16u32) << 16;
         v16f v;
         std::memcpy(&v, &bits, sizeof v);
         return v;
+#endif
     }
 };
 struct F16 {
@@ -90,12 +91,13 @@ inline float hsum(v16f v) {
     __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
-#endif
+#else
     float t[kLanes];
     std::memcpy(t, &v, sizeof t);
     for (int w = kLanes / 2; w >= 1; w /= 2)
         for (int i = 0; i < w; ++i) t[i] += t[i + w];
     return t[0];
+#endif
 }
 
 // A matmul kernel policy: X and W are the element types the tile reads activations and weights
@@ -106,7 +108,6 @@ inline float hsum(v16f v) {
 template <class L> struct FmaKernel {
     using X = float;
     using W = typename L::T;
-    static constexpr int32_t kStep = kLanes;
 
     template <int MR, int NR>
     static void tile(const X *x, int32_t ldx, const W *w, int32_t ldw, int32_t k, const float *bias, float *y,
@@ -265,12 +266,9 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const MatmulOut *outs, 
 }
 #endif
 
-#ifndef LLAISYS_MR
-#define LLAISYS_MR 4
-#define LLAISYS_NR 6
-#endif
-constexpr int kMR = LLAISYS_MR;
-constexpr int kNR = LLAISYS_NR;
+// FmaKernel tile: 4 x 6 accumulators, 6 weight vectors and one activation vector fit the 32 registers.
+constexpr int kMR = 4;
+constexpr int kNR = 6;
 
 template <class K>
 using TileFn = void (*)(const typename K::X *, int32_t, const typename K::W *, int32_t, int32_t, const float *,
@@ -457,7 +455,7 @@ void from_f32(const float *src, int64_t n, int32_t dtype, void *dst) {
     }
 }
 
-float dot_f32(const float *a, const float *b, int32_t n) {
+static float dot_f32(const float *a, const float *b, int32_t n) {
     v16f acc = {};
     int32_t i = 0;
     for (; i + kLanes <= n; i += kLanes) acc += F32::load(a + i) * F32::load(b + i);
