@@ -5,6 +5,7 @@ Tolerances (max |logit difference| against transformers in float32 on the same w
 - bf16 weights: on CPUs with AVX512-BF16 the core rounds matmul inputs to bf16 (as torch's bf16
   path does), so 1e-2 for the tiny random model (measured 1.7e-3) and 0.25 for the default model
   (measured 0.096; its logits span about +-30). The argmax must still agree at every step.
+- 16-bit KV caches (f32 weights): 1e-2 for the tiny model (measured 1.1e-4 with f16, 9e-4 with bf16).
 """
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from parity import greedy_parity
 
 pytest.importorskip("torch")
 
+TINY_LAYERS = 2  # conftest.TINY_CONFIG
 EXACT_TOL = 1e-4
 TINY_TOL = 1e-2
 DEFAULT_TOL = 0.25
@@ -31,6 +33,36 @@ def test_tiny_parity_other_weight_dtypes(tmp_path, dtype):
     path = make_tiny_qwen2(tmp_path / dtype, seed=1, dtype=dtype, tie_word_embeddings=False)
     worst, _ = greedy_parity(path, [[3, 1, 4, 1, 5], [9, 2, 6]], steps=6)
     assert worst < EXACT_TOL, worst
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16"])
+def test_tiny_parity_16bit_kv_cache(tmp_path, kv_dtype):
+    from conftest import make_tiny_qwen2
+
+    path = make_tiny_qwen2(tmp_path / "f32", seed=2, dtype="float32")
+    worst, _ = greedy_parity(path, [[3, 1, 4, 1, 5], [9, 2, 6]], steps=6, late_prompt=[7, 7, 7], kv_dtype=kv_dtype)
+    print(f"kv {kv_dtype}: max |logit diff| = {worst:.2e}")
+    assert 0 < worst < TINY_TOL, worst  # > 0: the cache really holds 16-bit values
+
+
+def test_qwen2_abort_between_layers(tiny_qwen2_dir):
+    """The abort callback is asked between layers; a true answer returns 2 and changes nothing."""
+    from llaisys.core import Batch, DecodeAbortedError
+    from llaisys.models import RuntimeOptions, load_model
+
+    model = load_model(tiny_qwen2_dir, RuntimeOptions(n_ctx=64)).model
+    model.decode(Batch([1, 2, 3]))
+    before = (model.kv_used, model.kv_seq_pos_max(0), model.logits_ith(-1).copy())
+    calls = []
+    model.set_abort_callback(lambda: calls.append(1) or len(calls) >= 2)  # stop before the 2nd layer
+    with pytest.raises(DecodeAbortedError) as info:
+        model.decode(Batch([4, 5]))
+    assert info.value.code == 2 and len(calls) == 2
+    assert (model.kv_used, model.kv_seq_pos_max(0)) == before[:2]
+    np.testing.assert_array_equal(model.logits_ith(-1), before[2])
+    model.set_abort_callback(lambda: calls.append(1) and False)  # counts, never stops
+    model.decode(Batch([4, 5]))
+    assert model.kv_seq_pos_max(0) == 4 and len(calls) == 2 + TINY_LAYERS
 
 
 @pytest.mark.slow
