@@ -30,8 +30,9 @@ def cmd_generate(args) -> int:
     from .greedy import greedy_token_ids, stream_text
     from .models import RuntimeOptions, load_model
 
-    adapter = load_model(resolve_model(args.model),
-                         RuntimeOptions(n_ctx=args.ctx, n_threads=args.threads, kv_dtype=args.kv_dtype))
+    adapter = load_model(resolve_model(args.model), RuntimeOptions(n_ctx=args.ctx, n_threads=args.threads,
+                                                                   kv_dtype=args.kv_dtype,
+                                                                   weight_dtype=args.weight_dtype))
     if args.raw:
         prompt_ids = adapter.encode(args.prompt)
     else:
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=0, help="worker threads (0 = all cores)")
     gen.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens")
     gen.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default="f32")
+    gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None,
+                     help="convert weights at load (default: keep the checkpoint's; f32 = exact products)")
     gen.set_defaults(func=cmd_generate)
     return parser
 

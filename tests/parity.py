@@ -16,7 +16,7 @@ def reference_logits(hf_model, ids: list[int]) -> np.ndarray:
 
 
 def greedy_parity(model_dir, prompts: list[list[int]], steps: int, late_prompt: list[int] | None = None,
-                  kv_dtype: str = "f32"):
+                  kv_dtype: str = "f32", weight_dtype: str | None = None):
     """Decode all prompts together in one batch, then one token per sequence per step.
 
     `late_prompt` joins as a new sequence at step 1, so that batch mixes its prefill rows with
@@ -29,7 +29,7 @@ def greedy_parity(model_dir, prompts: list[list[int]], steps: int, late_prompt: 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     n_seq = len(prompts) + (1 if late_prompt else 0)
     adapter = Qwen2Adapter.from_pretrained(model_dir, RuntimeOptions(n_ctx=1024, n_seq_max=n_seq, n_batch=256,
-                                                                     kv_dtype=kv_dtype))
+                                                                     kv_dtype=kv_dtype, weight_dtype=weight_dtype))
     model = adapter.model
     seqs = [list(p) for p in prompts]
     pending = {s: list(p) for s, p in enumerate(prompts)}  # tokens each sequence still has to feed

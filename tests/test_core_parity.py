@@ -35,6 +35,11 @@ def test_tiny_parity_other_weight_dtypes(tmp_path, dtype):
     assert worst < EXACT_TOL, worst
 
 
+def test_bf16_checkpoint_loaded_as_f32_is_exact(tiny_qwen2_dir):
+    worst, _ = greedy_parity(tiny_qwen2_dir, [[1, 5, 9, 33, 70], [200, 3]], steps=6, weight_dtype="f32")
+    assert worst < EXACT_TOL, worst
+
+
 @pytest.mark.parametrize("kv_dtype", ["f16", "bf16"])
 def test_tiny_parity_16bit_kv_cache(tmp_path, kv_dtype):
     from conftest import make_tiny_qwen2

@@ -22,6 +22,9 @@ class RuntimeOptions:
     n_batch: int = 512
     n_threads: int = 0  # 0 = all cores
     kv_dtype: str = "f32"
+    # Weights in memory: None keeps the checkpoint's dtype; "f32" trades twice the memory of bf16
+    # for exact f32 products (no bf16 rounding of activations).
+    weight_dtype: str | None = None
 
 
 def read_config(path: Path) -> dict[str, Any]:

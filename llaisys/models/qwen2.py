@@ -138,7 +138,7 @@ class Qwen2Adapter(ModelAdapter):
         options = options or RuntimeOptions()
         config = read_config(path)
         try:
-            model = Model("qwen2", model_params(config, checkpoint_dtype(path), options))
+            model = Model("qwen2", model_params(config, options.weight_dtype or checkpoint_dtype(path), options))
         except InvalidArgumentError as e:
             raise ModelLoadError(f"{path}: {e}") from e
         log.info("loading %s weights from %s", model.params.weight_dtype, path)
