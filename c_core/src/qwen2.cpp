@@ -107,24 +107,27 @@ void Qwen2Model::attention_layer(int32_t layer, const DecodeInput &in) {
     const llaisys_model_params &p = params;
     const int32_t T = in.n_tokens, hd = p.head_dim, qd = p.n_head * hd, kvd = p.n_head_kv * hd;
     const int32_t group = p.n_head / p.n_head_kv;
-    // Rotate q and k, then store k and v in the tokens' cells.
+    // Rotate q and k and store k and v in the tokens' cells, then attend.
     const size_t row = kv_row_bytes();
     uint8_t *kc = k_cache_[size_t(layer)].data();
     uint8_t *vc = v_cache_[size_t(layer)].data();
-#pragma omp parallel for num_threads(p.n_threads) if (T > 1)
-    for (int32_t i = 0; i < T; ++i) {
-        const float *cos = &s_.rope_cos[size_t(i) * hd / 2], *sin = &s_.rope_sin[size_t(i) * hd / 2];
-        for (int32_t h = 0; h < p.n_head; ++h) kernels::rope(&s_.q[size_t(i) * qd + size_t(h) * hd], hd, cos, sin);
-        for (int32_t h = 0; h < p.n_head_kv; ++h) kernels::rope(&s_.k[size_t(i) * kvd + size_t(h) * hd], hd, cos, sin);
-        const size_t cell = size_t(in.cell[size_t(i)]);
-        kernels::from_f32(&s_.k[size_t(i) * kvd], kvd, p.kv_dtype, kc + cell * row);
-        kernels::from_f32(&s_.v[size_t(i) * kvd], kvd, p.kv_dtype, vc + cell * row);
-    }
     const float scale = 1.0f / std::sqrt(float(hd));
     const size_t elem = dtype_size(p.kv_dtype);
     const int32_t n_work = T * p.n_head_kv;
+    // One parallel region for both phases: at decode sizes a region costs as much as the work.
 #pragma omp parallel num_threads(p.n_threads) if (n_work > 1)
     {
+#pragma omp for
+        for (int32_t i = 0; i < T; ++i) {
+            const float *cos = &s_.rope_cos[size_t(i) * hd / 2], *sin = &s_.rope_sin[size_t(i) * hd / 2];
+            for (int32_t h = 0; h < p.n_head; ++h) kernels::rope(&s_.q[size_t(i) * qd + size_t(h) * hd], hd, cos, sin);
+            for (int32_t h = 0; h < p.n_head_kv; ++h)
+                kernels::rope(&s_.k[size_t(i) * kvd + size_t(h) * hd], hd, cos, sin);
+            const size_t cell = size_t(in.cell[size_t(i)]);
+            kernels::from_f32(&s_.k[size_t(i) * kvd], kvd, p.kv_dtype, kc + cell * row);
+            kernels::from_f32(&s_.v[size_t(i) * kvd], kvd, p.kv_dtype, vc + cell * row);
+        }
+        // (the implied barrier: every token's keys are stored before any token attends)
         // Per-thread scratch kept across calls: zeroing n_ctx x group floats per layer is not free.
         static thread_local std::vector<float> scores;
         scores.resize(size_t(p.n_ctx) * size_t(group));
