@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 
+#include <sys/mman.h>
+
 #include "llaisys.h"
 
 namespace llaisys {
@@ -66,9 +68,14 @@ class Buffer {
   public:
     Buffer() = default;
     explicit Buffer(size_t bytes) : size_(bytes) {
-        size_t rounded = (bytes + 63) / 64 * 64;
-        data_.reset(static_cast<uint8_t *>(std::aligned_alloc(64, rounded ? rounded : 64)));
+        // Large buffers (weights, KV cache) are streamed every step: 2 MiB pages spare the TLB.
+        const size_t align = bytes >= kHugePage ? kHugePage : 64;
+        size_t rounded = (bytes + align - 1) / align * align;
+        data_.reset(static_cast<uint8_t *>(std::aligned_alloc(align, rounded ? rounded : align)));
         if (!data_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+        if (align == kHugePage) madvise(data_.get(), rounded, MADV_HUGEPAGE); // a hint: failure is harmless
+#endif
         std::memset(data_.get(), 0, rounded);
     }
     uint8_t *data() { return data_.get(); }
@@ -78,6 +85,7 @@ class Buffer {
     template <class T> const T *as() const { return reinterpret_cast<const T *>(data_.get()); }
 
   private:
+    static constexpr size_t kHugePage = size_t(2) << 20;
     struct Free {
         void operator()(uint8_t *p) const { std::free(p); }
     };
