@@ -102,3 +102,21 @@ def test_qwen2_kv_shift_keeps_attention_correct(tiny_qwen2_dir):
     np.testing.assert_allclose(unshifted, reference, rtol=0, atol=1e-6)
     # Without re-rotated keys the relative positions would be off by `shift`: far beyond 1e-3.
     np.testing.assert_allclose(shifted, reference, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("default", marks=pytest.mark.slow)])
+def test_qwen2_logits_identical_alone_and_batched(which, request):
+    """Every output is summed in one fixed order whatever the batch: bit-identical logits."""
+    from llaisys.core import Batch
+    from llaisys.models import RuntimeOptions, load_model
+
+    path = request.getfixturevalue("tiny_qwen2_dir" if which == "tiny" else "default_model")
+    model = load_model(path, RuntimeOptions(n_ctx=256, n_seq_max=3, n_batch=128)).model
+    a, b, c = [11, 12, 13, 14, 15], [21, 22], list(range(30, 70))
+    model.decode(Batch(a, seq_ids=0, logits=[1] * len(a)))
+    model.decode(Batch([16], seq_ids=0))
+    alone = model.logits().copy()
+    model.kv_seq_rm(-1)
+    model.decode(Batch(b + a + c, seq_ids=[1] * len(b) + [0] * len(a) + [2] * len(c)))
+    model.decode(Batch([23, 16, 70], seq_ids=[1, 0, 2], logits=[1, 1, 1]))
+    np.testing.assert_array_equal(model.logits()[1], alone[0])
