@@ -70,13 +70,14 @@ class Buffer {
     explicit Buffer(size_t bytes) : size_(bytes) {
         // Large buffers (weights, KV cache) are streamed every step: 2 MiB pages spare the TLB.
         const size_t align = bytes >= kHugePage ? kHugePage : 64;
-        size_t rounded = (bytes + align - 1) / align * align;
-        data_.reset(static_cast<uint8_t *>(std::aligned_alloc(align, rounded ? rounded : align)));
-        if (!data_) throw std::bad_alloc();
+        const size_t rounded = (bytes + 63) / 64 * 64; // whole vectors may be read at the end
+        void *p = nullptr;
+        if (posix_memalign(&p, align, rounded ? rounded : 64) != 0) throw std::bad_alloc();
+        data_.reset(static_cast<uint8_t *>(p));
 #ifdef MADV_HUGEPAGE
-        if (align == kHugePage) madvise(data_.get(), rounded, MADV_HUGEPAGE); // a hint: failure is harmless
+        if (align == kHugePage) madvise(p, (rounded + 4095) / 4096 * 4096, MADV_HUGEPAGE); // a hint only
 #endif
-        std::memset(data_.get(), 0, rounded);
+        std::memset(p, 0, rounded);
     }
     uint8_t *data() { return data_.get(); }
     const uint8_t *data() const { return data_.get(); }
