@@ -208,7 +208,8 @@ template <int MR = kPackedMR> PackedTileFn packed_tile_for(int mr, int nr) {
 void matmul_packed(const float *x, int32_t m, int32_t k, const MatmulOut *outs, int32_t count, int32_t n_threads) {
     const int32_t k_even = (k + 1) / 2 * 2, pairs = k_even / 2;
     static thread_local std::vector<uint16_t> xb;
-    xb.resize(size_t(m) * size_t(k_even));
+    // Only ever grown: resizing down and up again would zero the regrown part at every call.
+    if (xb.size() < size_t(m) * size_t(k_even)) xb.resize(size_t(m) * size_t(k_even));
     for (int32_t r = 0; r < m; ++r) {
         round_to_bf16(x + size_t(r) * k, k, xb.data() + size_t(r) * k_even);
         if (k_even != k) xb[size_t(r) * k_even + size_t(k)] = 0; // the pad of an odd k
