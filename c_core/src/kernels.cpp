@@ -146,6 +146,11 @@ constexpr int32_t kPanel = 16;
 
 inline int64_t panel_elems(int32_t k) { return int64_t(kPanel) * ((k + 1) / 2 * 2); }
 
+// Where element (row, col) of an n x k matrix lives in the packed form.
+inline int64_t packed_index(int32_t row, int32_t col, int32_t k) {
+    return (row / kPanel) * panel_elems(k) + int64_t(col / 2) * 2 * kPanel + (row % kPanel) * 2 + col % 2;
+}
+
 // Round n f32 values to bf16 (nearest even).
 void round_to_bf16(const float *src, int64_t n, uint16_t *dst) {
     int64_t i = 0;
@@ -409,10 +414,8 @@ size_t packed_bytes(int32_t n, int32_t k) {
 
 void pack_bf16(const uint16_t *w, int32_t n, int32_t k, uint16_t *out) {
 #if defined(__AVX512BF16__)
-    const int64_t stride = panel_elems(k);
     for (int32_t r = 0; r < n; ++r)
-        for (int32_t c = 0; c < k; ++c)
-            out[(r / kPanel) * stride + int64_t(c / 2) * 2 * kPanel + (r % kPanel) * 2 + c % 2] = w[size_t(r) * k + c];
+        for (int32_t c = 0; c < k; ++c) out[packed_index(r, c, k)] = w[size_t(r) * k + c];
 #else
     (void)w, (void)n, (void)k, (void)out;
 #endif
@@ -425,8 +428,8 @@ void matrix_row(const Matrix &w, int32_t row, float *out) {
         return;
     }
 #if defined(__AVX512BF16__)
-    const uint16_t *panel = static_cast<const uint16_t *>(w.data) + (row / kPanel) * panel_elems(w.k);
-    for (int32_t c = 0; c < w.k; ++c) out[c] = bf16_to_f32(panel[int64_t(c / 2) * 2 * kPanel + (row % kPanel) * 2 + c % 2]);
+    const uint16_t *packed = static_cast<const uint16_t *>(w.data);
+    for (int32_t c = 0; c < w.k; ++c) out[c] = bf16_to_f32(packed[packed_index(row, c, w.k)]);
 #endif
 }
 
