@@ -26,6 +26,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from .qwen2 import GLOBAL_WEIGHTS, LAYER_WEIGHTS
 from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, write_safetensors
 
 __all__ = ["GGUFConversionError", "convert_gguf_to_hf"]
@@ -37,28 +38,15 @@ class GGUFConversionError(ValueError):
     """The GGUF file is not a Qwen2 model this converter understands."""
 
 
-# GGUF tensor name -> HF name, for tensors outside the transformer blocks.
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+def _gguf_tensor_name(slot: str) -> str:
+    """The GGUF tensor name of a core weight slot: the slots are named after GGUF's tensors."""
+    return slot.removesuffix("_bias") + ".bias" if slot.endswith("_bias") else slot + ".weight"
 
+
+# GGUF tensor name -> HF name, for tensors outside the transformer blocks.
+_GLOBAL_NAMES = {_gguf_tensor_name(slot): hf for hf, slot in GLOBAL_WEIGHTS.items()}
 # "blk.N.<suffix>" -> "model.layers.N.<hf suffix>".
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+_LAYER_NAMES = {_gguf_tensor_name(slot): hf for hf, slot in LAYER_WEIGHTS.items()}
 
 _QWEN2_PRETOKENIZER = "qwen2"
 
