@@ -130,7 +130,8 @@ class Batch:
         self.pos = None if pos is None else np.ascontiguousarray(pos, dtype=np.int32).reshape(-1)
         if self.pos is not None and len(self.pos) != n:
             raise InvalidArgumentError(f"pos has {len(self.pos)} entries for {n} tokens")
-        self.seq_ids = None if seq_ids is None else _per_token_seqs(seq_ids, n)
+        # Sequence ids as one flat array plus a count per token, so to_c makes no object per token.
+        self.seq_counts, self.seq_flat = (None, None) if seq_ids is None else _per_token_seqs(seq_ids, n)
         self.logits = None if logits is None else np.ascontiguousarray(logits, dtype=np.int8).reshape(-1)
         if self.logits is not None and len(self.logits) != n:
             raise InvalidArgumentError(f"logits mask has {len(self.logits)} entries for {n} tokens")
@@ -148,25 +149,36 @@ class Batch:
         if self.pos is not None:
             b.pos = ffi.from_buffer("llaisys_pos[]", self.pos)
             self._keep.append(b.pos)
-        if self.seq_ids is not None:
-            n_seq = ffi.new("int32_t[]", [len(s) for s in self.seq_ids])
-            rows = [ffi.new("llaisys_seq_id[]", list(s)) for s in self.seq_ids]
-            ptrs = ffi.new("llaisys_seq_id *[]", rows)
+        if self.seq_counts is not None:
+            n_seq = ffi.from_buffer("int32_t[]", self.seq_counts)
+            flat = ffi.from_buffer("llaisys_seq_id[]", self.seq_flat)
+            ptrs = ffi.new("llaisys_seq_id *[]", max(self.n_tokens, 1))
+            offset = 0
+            for i, count in enumerate(self.seq_counts.tolist()):
+                ptrs[i] = flat + offset
+                offset += count
             b.n_seq_id, b.seq_id = n_seq, ptrs
-            self._keep += [n_seq, ptrs, rows]
+            self._keep += [n_seq, flat, ptrs]
         if self.logits is not None:
             b.logits = ffi.from_buffer("int8_t[]", self.logits)
             self._keep.append(b.logits)
         return b
 
 
-def _per_token_seqs(seq_ids, n: int) -> list[tuple[int, ...]]:
+def _per_token_seqs(seq_ids, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(number of sequences of each token, all sequence ids flattened) as int32 arrays."""
     if isinstance(seq_ids, (int, np.integer)):
-        return [(int(seq_ids),)] * n
-    rows = [tuple(int(s) for s in x) if isinstance(x, Iterable) else (int(x),) for x in seq_ids]
+        return np.ones(n, dtype=np.int32), np.full(n, seq_ids, dtype=np.int32)
+    if isinstance(seq_ids, np.ndarray) and seq_ids.ndim == 1:
+        rows = seq_ids.tolist()
+    else:
+        rows = list(seq_ids)
     if len(rows) != n:
         raise InvalidArgumentError(f"seq_ids has {len(rows)} entries for {n} tokens")
-    return rows
+    rows = [tuple(int(s) for s in x) if isinstance(x, Iterable) else (int(x),) for x in rows]
+    counts = np.array([len(r) for r in rows], dtype=np.int32)
+    flat = np.array([s for r in rows for s in r], dtype=np.int32)
+    return counts, flat
 
 
 @ffi.def_extern()
