@@ -12,3 +12,15 @@ def mock_row(bias: np.ndarray, history, pos: int) -> np.ndarray:
         if p <= pos:
             h = (h + tok * (p + 1)) % n
     return bias.astype(np.float32) - np.float32(0.25) * ((np.arange(n) - h) % n).astype(np.float32)
+
+
+def mock_greedy(prompt, steps: int, vocab: int = 300, keep_eos: bool = False) -> list[int]:
+    """The mock's greedy continuation: next = sum of token * (position + 1) mod vocab, until EOS (vocab - 1)."""
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        token = sum(t * (p + 1) for p, t in enumerate(seq)) % vocab
+        if token == vocab - 1:
+            return out + [token] if keep_eos else out
+        out.append(token)
+        seq.append(token)
+    return out

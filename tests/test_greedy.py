@@ -5,28 +5,18 @@ from llaisys.greedy import greedy_token_ids, stream_text
 from llaisys.models import RuntimeOptions, load_model
 from llaisys.models.mock import write_mock_model
 
+from mock_oracle import mock_greedy
+
 
 @pytest.fixture
 def mock(tmp_path):
     return load_model(write_mock_model(tmp_path / "mock", vocab_size=300), RuntimeOptions(n_ctx=64, n_batch=4))
 
 
-def expected_greedy(prompt, steps, vocab=300):
-    """The mock's greedy continuation: target = sum of token * (position + 1) mod vocab."""
-    seq, out = list(prompt), []
-    for _ in range(steps):
-        token = sum(t * (p + 1) for p, t in enumerate(seq)) % vocab
-        if token == vocab - 1:
-            break
-        out.append(token)
-        seq.append(token)
-    return out
-
-
 def test_greedy_follows_the_mock_and_frees_cells(mock):
     prompt = mock.encode("hello, mock")  # 11 tokens: fed in chunks of n_batch = 4
     ids = list(greedy_token_ids(mock, prompt, 20))
-    assert ids == expected_greedy(prompt, 20)
+    assert ids == mock_greedy(prompt, 20)
     assert mock.model.kv_used == 0
 
 
