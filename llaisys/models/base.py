@@ -66,6 +66,10 @@ class ModelAdapter:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A conversation formatted with the model's chat template."""
+        raise NotImplementedError
+
     def chat_token_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation formatted with the model's chat template."""
-        raise NotImplementedError
+        return self.encode(self.chat_text(messages, add_generation_prompt))

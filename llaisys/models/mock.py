@@ -54,6 +54,6 @@ class MockAdapter(ModelAdapter):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
-    def chat_token_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+        return text + ("assistant: " if add_generation_prompt else "")
