@@ -1,0 +1,218 @@
+"""LLMEngine: requests in, one step at a time, increments out. Synchronous; not thread-safe.
+
+step() = Scheduler.schedule() -> Executor.execute(plan) -> free what finished -> increments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..core import KVCacheFullError
+from ..models import ModelAdapter, RuntimeOptions, load_model
+from .config import EngineArgs
+from .detokenizer import IncrementalDetokenizer
+from .errors import PromptTooLongError
+from .executor import Executor
+from .outputs import RequestOutput
+from .request import Request, RequestState
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+# A prompt: text, token ids, or a dict with "prompt" (text) or "prompt_token_ids".
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """A snapshot of the engine's load and its counters since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_used_cells: int
+    kv_capacity: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_steps: int
+    last_step_seconds: float
+    step_seconds_total: float
+    finished_by_reason: dict[str, int]  # per completion: "stop", "length", "abort"
+    requests_failed: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_used_cells / self.kv_capacity if self.kv_capacity else 0.0
+
+
+class LLMEngine:
+    def __init__(self, adapter: ModelAdapter, args: EngineArgs):
+        self.adapter = adapter
+        self.args = args
+        self.worker = Worker(adapter)
+        self.executor = Executor(self.worker)
+        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.worker.kv_capacity)
+        self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
+        self.eos_ids = frozenset(adapter.eos_token_ids)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._ids = itertools.count()
+        self._prompt_tokens = self._generation_tokens = self._steps = self._failed = 0
+        self._last_step = self._step_total = 0.0
+        self._finished = {"stop": 0, "length": 0, "abort": 0}
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        path = Path(args.model) if args.model else _default_model()
+        options = RuntimeOptions(n_ctx=args.n_ctx, n_seq_max=args.max_num_seqs, n_batch=args.max_num_batched_tokens,
+                                 n_threads=args.n_threads, kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype)
+        return cls(load_model(path, options), args)
+
+    # requests
+    def make_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                     request_id: Optional[str] = None, arrival_time: Optional[float] = None) -> Request:
+        """Check and tokenize a prompt into a Request, without queueing it; raises ValueError naming the problem."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}, "
+                                     f"leaving no room for a generated token")
+        if params.n > self.args.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.args.max_num_seqs})")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        return Request(request_id, text, ids, params, self.eos_ids, self.max_model_len, self._detokenizer(params),
+                       arrival_time)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> Request:
+        request = self.make_request(prompt, params, request_id)
+        self.add(request)
+        return request
+
+    def abort_request(self, request_id: str, error: Optional[str] = None) -> Optional[RequestOutput]:
+        """Cancel a request now (failed instead, when an error is given), freeing its cells; returns its
+        final increment, or None if it is not queued or running."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.executor.free(self.scheduler.remove(request))
+        if error is None:
+            request.end(RequestState.CANCELLED, "abort")
+        else:
+            request.fail(error)
+        self._count_finished(request)
+        return request.take_output(delta=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an increment for every request that changed."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        # Prompt tokens computed for the first time (recomputation after a preemption is not counted).
+        self._prompt_tokens += sum(ch.length for ch in plan.chunks if ch.start < ch.completion.request.num_prompt_tokens
+                                   and ch.completion.request.metrics.num_preemptions == 0)
+        try:
+            touched = self.executor.execute(plan)
+        except KVCacheFullError as e:
+            # The scheduler's cell count and the core disagree: back off by preempting, never fail.
+            log.error("the core found no KV room for a planned step (%s); preempting the newest request", e)
+            touched = set(plan.failed)
+            if self.scheduler.running:
+                self.executor.free(self.scheduler.preempt_newest())
+        except Exception as e:  # a fault in one step fails the requests in it, not the engine
+            log.exception("step failed")
+            touched = set(plan.failed)
+            for request in {ch.completion.request for ch in plan.chunks}:
+                self.executor.free(self.scheduler.remove(request))
+                request.fail(f"internal error: {e}")
+                touched.add(request)
+        outputs = [self._collect(request) for request in touched]
+        self._steps += 1
+        self._last_step = time.perf_counter() - start
+        self._step_total += self._last_step
+        return outputs
+
+    def _collect(self, request: Request) -> RequestOutput:
+        """Free the cells of what finished in this step and take the request's increment."""
+        for c in request.completions:
+            if c.finished and c.seq_id is not None:
+                self.executor.free([self.scheduler.release(c)])
+        self._generation_tokens += sum(len(c.new_ids) for c in request.completions)
+        if request.state is RequestState.RUNNING and not request.live:
+            request.end(RequestState.FINISHED, "stop")
+        if request.state.done:
+            self.scheduler.remove(request)
+            self.requests.pop(request.request_id, None)
+            self._count_finished(request)
+        return request.take_output(delta=True)
+
+    def _count_finished(self, request: Request) -> None:
+        for c in request.completions:
+            self._finished[c.finish_reason] += 1
+        self._failed += request.state is RequestState.FAILED
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.kv_used,
+                           self.scheduler.kv_capacity, self.scheduler.num_preemptions, self._prompt_tokens,
+                           self._generation_tokens, self._steps, self._last_step, self._step_total,
+                           dict(self._finished), self._failed)
+
+    # prompts
+    def _prompt_ids(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.adapter.encode(prompt)
+        return None, self._check_ids(prompt)
+
+    def _check_ids(self, ids) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(ids).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.adapter.model.n_vocab
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return list(ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """A conversation in the model's chat template, ready for generation."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+        return self.adapter.chat_text(messages)
+
+    def _detokenizer(self, params: SamplingParams):
+        decode, stop = self.adapter.decode, params.stop
+        return lambda prompt_ids: IncrementalDetokenizer(decode, stop, prompt_ids)
+
+
+def _default_model() -> Path:
+    from ..models.default_model import fetch_model
+
+    return fetch_model()

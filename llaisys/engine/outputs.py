@@ -1,0 +1,85 @@
+"""What callers get back: vLLM-shaped RequestOutput / CompletionOutput, with per-request metrics."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+
+@dataclasses.dataclass
+class Logprob:
+    """Log-probability of one token at one step; rank 1 = the most likely token."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# One step: token id -> its Logprob (the sampled token and the top-N alternatives).
+StepLogprobs = dict[int, Logprob]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """One of a request's n completions (cumulative, or the newest piece in a streamed delta).
+
+    finish_reason: None while running, then "stop" (EOS, stop string or stop token), "length"
+    (max_tokens or the context) or "abort" (cancelled or failed). stop_reason: the stop string or
+    stop token id that ended it, None otherwise.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str] = None
+    stop_reason: Union[None, str, int] = None
+    logprobs: Optional[list[StepLogprobs]] = None
+    cumulative_logprob: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Wall-clock times (time.time() seconds) of a request's life, and its token counts."""
+
+    arrival_time: float
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def queue_time(self) -> Optional[float]:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> Optional[float]:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> Optional[float]:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's result (LLM.generate, AsyncLLM.generate) or one streamed increment (AsyncLLM.stream).
+
+    In an increment, `outputs` holds only the completions that changed, each with just its new
+    text and token ids. state: "queued", "running", "finished", "cancelled" or "failed" (then
+    `error` says why).
+    """
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    state: str
+    metrics: RequestMetrics
+    error: Optional[str] = None
