@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 log = logging.getLogger("llaisys")
@@ -27,33 +26,27 @@ def cmd_fetch_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .greedy import greedy_token_ids, stream_text
-    from .models import RuntimeOptions, load_model
+    from .engine import EngineArgs, LLMEngine, SamplingParams
 
-    adapter = load_model(resolve_model(args.model), RuntimeOptions(n_ctx=args.ctx, n_threads=args.threads,
-                                                                   kv_dtype=args.kv_dtype,
-                                                                   weight_dtype=args.weight_dtype))
-    if args.raw:
-        prompt_ids = adapter.encode(args.prompt)
-    else:
-        prompt_ids = adapter.chat_token_ids([{"role": "user", "content": args.prompt}])
-    start = time.perf_counter()
-    n = 0
-    ids = greedy_token_ids(adapter, prompt_ids, args.max_tokens)
-
-    def counted():
-        nonlocal n
-        for token in ids:
-            n += 1
-            yield token
-
-    for piece in stream_text(adapter.decode, counted()):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)  # checked before the model loads
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(resolve_model(args.model)), max_num_seqs=1,
+                                                   n_ctx=args.ctx, n_threads=args.threads, kv_dtype=args.kv_dtype,
+                                                   weight_dtype=args.weight_dtype))
+    prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
+    request = engine.add_request(prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for c in out.outputs:
+                sys.stdout.write(c.text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
-    elapsed = time.perf_counter() - start
-    log.info("%d prompt tokens, %d generated in %.2f s (%.1f tokens/s overall)", len(prompt_ids), n, elapsed,
-             n / elapsed if elapsed else 0.0)
+    m = request.metrics
+    decode_time = m.finished_time - m.first_token_time
+    log.info("%d prompt tokens, %d generated; first token after %.2f s, then %.1f tokens/s (%s)",
+             m.num_prompt_tokens, m.num_generated_tokens, m.time_to_first_token,
+             (m.num_generated_tokens - 1) / decode_time if decode_time > 0 else 0.0,
+             request.completions[0].finish_reason)
     return 0
 
 
@@ -67,11 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF next to the converted model")
     fetch.set_defaults(func=cmd_fetch_model)
 
-    gen = sub.add_parser("generate", help="greedy continuation of a prompt, streamed to the terminal")
+    gen = sub.add_parser("generate", help="a reply to one prompt (greedy by default), streamed to the terminal")
     gen.add_argument("prompt", nargs="?", default="Who are you?")
     gen.add_argument("--model", default=None, help="HF model directory (default: the default model)")
     gen.add_argument("--raw", action="store_true", help="continue the raw prompt instead of one chat message")
     gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = all tokens")
+    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--threads", type=int, default=0, help="worker threads (0 = all cores)")
     gen.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens")
     gen.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default="f32")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start: set up if needed, then run the main job on the default model.
-# Until the server exists the main job is `llaisys generate` (greedy chat reply, streamed).
+# Until the server exists the main job is `llaisys generate` (a greedy chat reply through the engine, streamed).
 # Extra arguments go to `llaisys generate`, e.g. scripts/run.sh "Write a haiku about CPUs".
 set -euo pipefail
 cd "$(dirname "$0")/.."

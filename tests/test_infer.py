@@ -29,12 +29,13 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_steps: int) -> list[in
 
 
 def llaisys_greedy(model_dir: Path, prompt_ids: list[int], max_steps: int) -> tuple[list[int], set[int]]:
-    """Generated ids (the end-of-sequence token is not included) and the model's EOS ids."""
-    from llaisys.greedy import greedy_token_ids
-    from llaisys.models import RuntimeOptions, load_model
+    """Generated ids through the engine (temperature 0; a final end-of-sequence token dropped) and the EOS ids."""
+    from llaisys import LLM, SamplingParams
 
-    adapter = load_model(model_dir, RuntimeOptions(n_ctx=len(prompt_ids) + max_steps + 8))
-    return list(greedy_token_ids(adapter, prompt_ids, max_steps)), adapter.eos_token_ids
+    llm = LLM(str(model_dir), max_num_seqs=1, n_ctx=len(prompt_ids) + max_steps + 8)
+    out = llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_steps), use_tqdm=False)[0]
+    ids, eos_ids = out.outputs[0].token_ids, llm.engine.eos_ids
+    return (ids[:-1] if ids and ids[-1] in eos_ids else ids), eos_ids
 
 
 def compare(model_dir: Path, prompt: str, max_steps: int) -> tuple[list[int], list[int], str]:

@@ -6,11 +6,10 @@ import pytest
 
 SCRIPT = """
 import sys
-from llaisys.greedy import greedy_token_ids
-from llaisys.models import RuntimeOptions, load_model
-adapter = load_model(sys.argv[1], RuntimeOptions(n_ctx=256))
-ids = list(greedy_token_ids(adapter, adapter.chat_token_ids([{"role": "user", "content": "Hi"}]), 4))
-assert ids, "nothing generated"
+from llaisys import LLM, SamplingParams
+llm = LLM(sys.argv[1], n_ctx=256)
+out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, temperature=0.7, seed=0))
+assert out[0].outputs[0].token_ids, "nothing generated"
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 print(loaded[:5])
 sys.exit(1 if loaded else 0)
