@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -58,9 +59,14 @@ struct BF16 {
 struct F16 {
     using T = uint16_t;
     static v16f load(const T *p) {
+#if defined(__AVX512F__)
+        // GCC widens a _Float16 vector lane by lane without AVX512-FP16; vcvtph2ps does all 16.
+        return v16f(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))));
+#else
         v16h h;
         std::memcpy(&h, p, sizeof h);
         return __builtin_convertvector(h, v16f);
+#endif
     }
 };
 
@@ -97,6 +103,35 @@ inline float hsum(v16f v) {
     for (int w = kLanes / 2; w >= 1; w /= 2)
         for (int i = 0; i < w; ++i) t[i] += t[i + w];
     return t[0];
+#endif
+}
+
+// Lane j = hsum(v[j]) for 16 vectors, with hsum's additions in hsum's order, so a score is the
+// same whichever path computes it; the 16 reductions share their shuffles.
+inline v16f hsum16(const v16f *v) {
+#if defined(__AVX512F__)
+    __m512 u[8], x[4], y[2];
+    for (int i = 0; i < 8; ++i) { // lanes i and i + 8 of each vector: two vectors per register
+        const __m512 a = __m512(v[2 * i]), b = __m512(v[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int i = 0; i < 4; ++i) // lanes i and i + 4: one vector per 128-bit lane
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i) { // lanes i and i + 2
+        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+    // z holds vector j's sum at 4 * (j % 4) + j / 4.
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return v16f(_mm512_permutexvar_ps(order, z));
+#else
+    float t[kLanes];
+    for (int j = 0; j < kLanes; ++j) t[j] = hsum(v[j]);
+    v16f r;
+    std::memcpy(&r, t, sizeof r);
+    return r;
 #endif
 }
 
@@ -518,13 +553,74 @@ void silu_mul(const float *gate, const float *up, int64_t n, float *out, int32_t
     }
 }
 
+// Softmax of heads [h0, h0 + HB)'s scores, then their probability-weighted sums of the values.
+template <class L, int NV, int HB>
+static void weighted_values(const int32_t *cells, int32_t n_cells, const typename L::T *v, int64_t cell_stride,
+                            float *scores, int32_t h0, float *out) {
+    constexpr int32_t head_dim = NV * kLanes;
+    float *probs[HB];
+    float inv_total[HB];
+    for (int b = 0; b < HB; ++b) {
+        float *sh = probs[b] = scores + size_t(h0 + b) * n_cells;
+        const float max_score = *std::max_element(sh, sh + n_cells);
+        map16(sh, n_cells, sh, [max_score](v16f x) { return exp16(x - max_score); });
+        float total = 0.0f;
+        for (int32_t j = 0; j < n_cells; ++j) total += sh[j];
+        inv_total[b] = 1.0f / total;
+    }
+    v16f acc[HB][NV] = {};
+    for (int32_t j = 0; j < n_cells; ++j) {
+        const typename L::T *vc = v + cells[j] * cell_stride;
+        v16f value[NV];
+        for (int d = 0; d < NV; ++d) value[d] = L::load(vc + d * kLanes);
+        for (int b = 0; b < HB; ++b)
+            for (int d = 0; d < NV; ++d) acc[b][d] += value[d] * probs[b][j];
+    }
+    for (int b = 0; b < HB; ++b)
+        for (int d = 0; d < NV; ++d) {
+            const v16f o = acc[b][d] * inv_total[b];
+            std::memcpy(out + size_t(h0 + b) * head_dim + d * kLanes, &o, sizeof o);
+        }
+}
+
 // Attention for head_dim = 16 * NV: each cached key and value is loaded once for all n_q heads
 // that share it, and each head's output stays in registers across the cells.
 template <class L, int NV>
 static void attention_t(const float *q, int32_t n_q, const int32_t *cells, int32_t n_cells, const typename L::T *k,
                         const typename L::T *v, int64_t cell_stride, float scale, float *scores, float *out) {
     constexpr int32_t head_dim = NV * kLanes;
-    for (int32_t j = 0; j < n_cells; ++j) {
+    // Scores of 16 keys at a time, reduced together by hsum16; 16-bit keys are widened once per block.
+    float widened[std::is_same_v<L, F32> ? 1 : kLanes * head_dim];
+    int32_t j = 0;
+    for (; j + kLanes <= n_cells; j += kLanes) {
+        const float *keys[kLanes];
+        for (int i = 0; i < kLanes; ++i) {
+            const typename L::T *kc = k + cells[j + i] * cell_stride;
+            if constexpr (std::is_same_v<L, F32>) {
+                keys[i] = kc;
+            } else {
+                for (int d = 0; d < NV; ++d) {
+                    const v16f x = L::load(kc + d * kLanes);
+                    std::memcpy(widened + i * head_dim + d * kLanes, &x, sizeof x);
+                }
+                keys[i] = widened + i * head_dim;
+            }
+        }
+        for (int32_t h = 0; h < n_q; ++h) {
+            const float *qh = q + size_t(h) * head_dim;
+            v16f query[NV];
+            for (int d = 0; d < NV; ++d) query[d] = F32::load(qh + d * kLanes);
+            v16f acc[kLanes];
+            for (int i = 0; i < kLanes; ++i) {
+                v16f a = {};
+                for (int d = 0; d < NV; ++d) a += query[d] * F32::load(keys[i] + d * kLanes);
+                acc[i] = a;
+            }
+            const v16f s = hsum16(acc) * scale;
+            std::memcpy(scores + size_t(h) * n_cells + j, &s, sizeof s);
+        }
+    }
+    for (; j < n_cells; ++j) {
         const typename L::T *kc = k + cells[j] * cell_stride;
         v16f key[NV];
         for (int d = 0; d < NV; ++d) key[d] = L::load(kc + d * kLanes);
@@ -535,23 +631,12 @@ static void attention_t(const float *q, int32_t n_q, const int32_t *cells, int32
             scores[size_t(h) * n_cells + j] = hsum(acc) * scale;
         }
     }
-    for (int32_t h = 0; h < n_q; ++h) {
-        float *sh = scores + size_t(h) * n_cells;
-        const float max_score = *std::max_element(sh, sh + n_cells);
-        map16(sh, n_cells, sh, [max_score](v16f x) { return exp16(x - max_score); });
-        float total = 0.0f;
-        for (int32_t j = 0; j < n_cells; ++j) total += sh[j];
-        v16f acc[NV] = {};
-        for (int32_t j = 0; j < n_cells; ++j) {
-            const typename L::T *vc = v + cells[j] * cell_stride;
-            for (int d = 0; d < NV; ++d) acc[d] += L::load(vc + d * kLanes) * sh[j];
-        }
-        const float inv_total = 1.0f / total;
-        for (int d = 0; d < NV; ++d) {
-            const v16f o = acc[d] * inv_total;
-            std::memcpy(out + size_t(h) * head_dim + d * kLanes, &o, sizeof o);
-        }
-    }
+    // Heads in blocks: each value is loaded once per block, and the block's independent sums keep
+    // the FMA units busy instead of waiting on one chain of additions.
+    constexpr int HB = NV >= 16 ? 1 : (16 / NV < 4 ? 16 / NV : 4);
+    int32_t h = 0;
+    for (; h + HB <= n_q; h += HB) weighted_values<L, NV, HB>(cells, n_cells, v, cell_stride, scores, h, out);
+    for (; h < n_q; ++h) weighted_values<L, NV, 1>(cells, n_cells, v, cell_stride, scores, h, out);
 }
 
 template <class L>
