@@ -103,11 +103,9 @@ def test_long_prompt_is_chunked_and_decodes_are_not_starved(mock_dir):
     steps = 0
     while long.completions[0].num_computed < len(long_prompt):
         before = len(short.completions[0].output_ids)
-        plan_tokens = engine.scheduler.token_budget
         engine.step()
         steps += 1
         assert len(short.completions[0].output_ids) == before + 1, "the decode was starved by the prefill"
-        assert engine.stats().last_step_seconds >= 0 and plan_tokens == 8
     assert steps == -(-len(long_prompt) // 7)  # 7 prompt tokens per step next to one decode row
     run_checked(engine)
     assert long.completions[0].output_ids == mock_greedy(long_prompt.encode(), 5, VOCAB, keep_eos=True)

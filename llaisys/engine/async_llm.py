@@ -53,6 +53,8 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc) -> Optional[bool]:
         task_group, self._task_group = self._task_group, None
+        if task_group is None:
+            raise EngineClosedError("the engine is not running")
         task_group.cancel_scope.cancel()
         try:
             return await task_group.__aexit__(*exc)
