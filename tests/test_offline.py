@@ -267,6 +267,28 @@ def test_a_request_the_core_rejects_fails_alone(mock_dir, monkeypatch):
     assert good.completions[0].output_ids == mock_greedy(b"good", 10, VOCAB, keep_eos=True)[:10]
 
 
+def test_core_finding_no_room_preempts_instead_of_failing(mock_dir, monkeypatch):
+    from llaisys.core import KVCacheFullError
+
+    engine = mock_engine(mock_dir)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY)
+    requests = [engine.add_request(p, params) for p in ("one", "two", "three")]
+    execute = engine.worker.execute
+    refusals = iter([False, False, True])  # the third step: the core answers 1 (no KV room)
+
+    def refuse_once(chunks):
+        if next(refusals, False):
+            raise KVCacheFullError("decode: no room (planted)")
+        return execute(chunks)
+
+    monkeypatch.setattr(engine.worker, "execute", refuse_once)
+    run_checked(engine)
+    assert engine.stats().num_preemptions == 1 and requests[-1].metrics.num_preemptions == 1
+    for r in requests:
+        assert r.state is RequestState.FINISHED
+        assert r.completions[0].output_ids == mock_greedy(r.prompt.encode(), 12, VOCAB, keep_eos=True)[:12]
+
+
 def test_increments_concatenate_to_the_final_output(mock_dir):
     engine = mock_engine(mock_dir, max_num_batched_tokens=8)
     request = engine.add_request("stream me", SamplingParams(n=2, max_tokens=25, temperature=0.8, seed=3))
