@@ -164,6 +164,9 @@ def test_greedy_is_the_argmax_lowest_id_on_ties_and_draws_nothing():
     (np.random.default_rng(2).standard_normal(20000) * 3, dict(temperature=0.7, top_k=40, top_p=0.9)),
     (np.random.default_rng(3).standard_normal(20000) * 0.3, dict(temperature=1.5, top_p=0.5, min_p=0.5)),
     (np.random.default_rng(4).standard_normal(20000), dict(temperature=1.0, min_p=0.05)),
+    # Flat rows of the real vocabulary's size: the nucleus holds most tokens (the bucketed path).
+    (np.random.default_rng(5).standard_normal(151936), dict(temperature=1.0, top_p=0.9)),
+    (np.random.default_rng(6).standard_normal(151936) * 2, dict(temperature=1.5, top_p=0.95, min_p=0.01)),
 ])
 def test_probabilities_match_a_full_sort_reference(x, params):
     x = read_only(x)
