@@ -133,14 +133,15 @@ class Request:
         leader = self.leader
         return leader is None or leader.num_computed >= self.num_prompt_tokens
 
+    def _prompt_cells(self, live: list[Completion]) -> int:
+        """Prompt cells in the cache, shared by the live completions (0 when none is live)."""
+        return min(self.num_prompt_tokens, max((c.num_computed for c in live), default=0))
+
     @property
     def kv_cells(self) -> int:
         """Cells this request holds in the cache: the shared prompt once, plus each live output."""
-        live = self.live
-        if not live:
-            return 0
-        n = self.num_prompt_tokens
-        return min(n, max(c.num_computed for c in live)) + sum(max(c.num_computed - n, 0) for c in live)
+        live, n = self.live, self.num_prompt_tokens
+        return self._prompt_cells(live) + sum(max(c.num_computed - n, 0) for c in live)
 
     @property
     def cells_to_resume(self) -> int:
@@ -149,8 +150,7 @@ class Request:
         if not live:
             return 0
         n = self.num_prompt_tokens
-        return max(n - min(n, max(c.num_computed for c in live)), 0) + sum(
-            c.num_tokens - max(c.num_computed, n) for c in live)
+        return n - self._prompt_cells(live) + sum(c.num_tokens - max(c.num_computed, n) for c in live)
 
     def reset_for_recompute(self) -> None:
         """Forget every KV cell (preempted): the live completions will recompute their tokens."""
