@@ -194,6 +194,10 @@ class RequestStream:
     def request_id(self) -> str:
         return self.request.request_id
 
+    def output(self) -> RequestOutput:
+        """Everything the request produced so far (cumulative, not an increment)."""
+        return self.request.take_output(delta=False)
+
     def __aiter__(self) -> "RequestStream":
         return self
 

@@ -80,7 +80,7 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = self._prompt_ids(prompt)
+        text, ids = self.tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}, "
                                      f"leaving no room for a generated token")
@@ -174,12 +174,13 @@ class LLMEngine:
                            dict(self._finished), self._failed)
 
     # prompts
-    def _prompt_ids(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """A prompt's text (None when given as ids) and its checked token ids; ValueError naming the problem."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return self._prompt_ids(prompt["prompt"])
+                return self.tokenize(prompt["prompt"])
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             if not prompt:
@@ -197,6 +198,9 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         return list(ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.adapter.decode(self._check_ids(ids))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """A conversation in the model's chat template, ready for generation."""

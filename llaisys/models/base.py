@@ -70,6 +70,19 @@ class ModelAdapter:
         """A conversation formatted with the model's chat template."""
         raise NotImplementedError
 
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """Sampling defaults from generation_config.json (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_tokens), for fields a request leaves open; empty when there is none."""
+        path = self.path / "generation_config.json"
+        try:
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+        names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+        return {ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None}
+
     def chat_token_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation formatted with the model's chat template."""
         return self.encode(self.chat_text(messages, add_generation_prompt))
