@@ -1,4 +1,4 @@
-"""The `llaisys` command line: fetch the default model, generate text."""
+"""The `llaisys` command line: fetch the default model, generate text, serve the API and chat page."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,43 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from .server import ServerConfig, create_app
+
+    config = ServerConfig.from_env(
+        model=args.model, served_model_name=args.served_model_name, api_key=args.api_key,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, n_ctx=args.ctx,
+        max_model_len=args.max_model_len, max_waiting=args.max_waiting, n_threads=args.threads,
+        kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout)
+    if config.model is not None and not (Path(config.model) / "config.json").is_file():
+        raise ValueError(f"{config.model} is not a model directory (no config.json)")
+    hyper = Config()
+    hyper.bind = [f"{args.host}:{args.port}"]
+    hyper.accesslog = "-" if args.verbose else None
+    logging.getLogger("hypercorn.error").propagate = False  # hypercorn prints its own lines
+    log.info("chat page and API at http://%s:%d/ (model loads in the background; /health says when ready)",
+             args.host, args.port)
+    asyncio.run(_serve_until_signalled(serve, create_app(config), hyper))
+    return 0
+
+
+async def _serve_until_signalled(serve, app, hyper) -> None:
+    """Run hypercorn until SIGINT or SIGTERM, then shut down cleanly (requests aborted, model freed)."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(app, hyper, shutdown_trigger=stop.wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llaisys", description="CPU inference for Qwen2 models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None,
                      help="convert weights at load (default: keep the checkpoint's; f32 = exact products)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="the OpenAI-compatible API and the chat page (flags override LLAISYS_* "
+                                       "environment variables)")
+    srv.add_argument("--model", default=None, help="HF model directory (default: LLAISYS_MODEL, else the default "
+                                                   "model)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the model id clients use (default: directory name)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (comma list)")
+    srv.add_argument("--max-num-seqs", type=int, default=None, help="completions running at once (32)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step (512)")
+    srv.add_argument("--ctx", type=int, default=None, help="KV cells shared by all sequences (16384)")
+    srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output of one request")
+    srv.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (256)")
+    srv.add_argument("--request-timeout", type=float, default=None, help="seconds per request, 0 = none (600)")
+    srv.add_argument("--threads", type=int, default=None, help="worker threads (0 = all cores)")
+    srv.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default=None)
+    srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,262 @@
+"""The Quart app: OpenAI-compatible routes over the async engine, /health, /metrics and the chat page.
+
+Routes only translate protocol: request JSON -> protocol.parse_* -> AsyncLLM.stream -> responses.
+A client that disconnects cancels its handler task, which aborts its engine requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from jinja2 import TemplateError
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Quart, Response, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from ..engine import AsyncLLM, EngineClosedError, EngineOverloadedError, RequestOutput
+from ..engine.async_llm import RequestStream
+from .config import ServerConfig
+from .errors import APIError, bad_request
+from .metrics import RequestTimer, ServerMetrics
+from .protocol import (GenerationRequest, check_body, check_model, field, parse_chat, parse_completion,
+                       parse_token_ids)
+from .responses import ResponseBuilder, usage
+from .service import ModelService
+
+log = logging.getLogger(__name__)
+
+
+def webui_dir() -> Path:
+    """The chat page's files: packaged next to the code in a wheel, at the repository root otherwise."""
+    packaged = Path(__file__).resolve().parents[1] / "webui"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "webui"
+
+
+def create_app(config: Optional[ServerConfig] = None) -> Quart:
+    """The server app; config defaults to ServerConfig.from_env(). The model loads when serving starts."""
+    config = config or ServerConfig.from_env()
+    service = ModelService(config)
+    metrics = ServerMetrics(service.model_name, lambda: service.engine.stats() if service.engine else None)
+    static = webui_dir()
+    app = Quart(__name__, static_folder=str(static), static_url_path="")
+    app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
+    app.config["LLAISYS_SERVICE"] = service
+
+    @app.before_serving
+    async def start_model() -> None:
+        await service.start()
+
+    @app.after_serving
+    async def stop_model() -> None:
+        await service.stop()
+
+    @app.before_request
+    async def check_api_key() -> Optional[Response]:
+        keys = config.api_keys
+        if not keys or not request.path.startswith("/v1") or request.method == "OPTIONS":
+            return None
+        given = request.headers.get("Authorization", "")
+        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            message = "a valid API key is required: send 'Authorization: Bearer <key>'" if not token else \
+                "the API key is not valid"
+            return error_response(APIError(401, message, code="invalid_api_key"))
+        return None
+
+    @app.errorhandler(APIError)
+    async def api_error(e: APIError) -> Response:
+        return error_response(e)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException) -> Response:
+        return error_response(APIError(e.code or 500, f"{e.name}: {e.description}"))
+
+    @app.errorhandler(Exception)
+    async def internal_error(e: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    @app.get("/")
+    async def index():
+        return await send_from_directory(static, "index.html")
+
+    @app.get("/health")
+    async def health():
+        service.ready()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        engine = service.ready()
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llaisys", "max_model_len": engine.engine.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions():
+        engine = service.ready()
+        body = await json_body()
+        check_model(body, service.model_name)
+        return await generate(engine, parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions():
+        engine = service.ready()
+        body = await json_body()
+        check_model(body, service.model_name)
+        return await generate(engine, parse_completion(body, service.defaults), chat=False)
+
+    @app.post("/tokenize")
+    async def tokenize():
+        engine = service.ready()
+        body = await json_body()
+        check_model(body, service.model_name)
+        if "messages" in body:
+            text = parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)).prompts[0]["prompt"]
+        else:
+            text = field(body, "prompt", str)
+            if not text:
+                raise bad_request("'prompt' (a non-empty string) or 'messages' is required", param="prompt")
+        _, ids = engine.engine.tokenize(text)
+        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize():
+        engine = service.ready()
+        body = await json_body()
+        check_model(body, service.model_name)
+        try:
+            return {"prompt": engine.engine.detokenize(parse_token_ids(body))}
+        except ValueError as e:
+            raise bad_request(str(e), param="tokens")
+
+    async def generate(engine: AsyncLLM, gen: GenerationRequest, chat: bool):
+        builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs)
+        streams = submit(engine, gen, builder.id, "messages" if chat else "prompt")
+        if gen.stream:
+            return Response(sse_events(gen, builder, streams), content_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async for _ in watched(streams, config.request_timeout, metrics):
+            pass
+        return builder.response([s.output() for s in streams])
+
+    def submit(engine: AsyncLLM, gen: GenerationRequest, call_id: str, prompt_param: str) -> list[RequestStream]:
+        """One engine request per prompt; all or none (a refused one cancels those already submitted)."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(gen.prompts):
+                text, ids = engine.engine.tokenize(prompt)
+                check_length(len(ids), gen.params.max_tokens, engine.engine.max_model_len, prompt_param)
+                streams.append(engine.stream({"prompt": text, "prompt_token_ids": ids}, gen.params,
+                                             request_id=f"{call_id}-{i}"))
+        except Exception as e:
+            for s in streams:
+                engine.abort(s.request_id)
+            if isinstance(e, EngineOverloadedError):
+                raise APIError(429, str(e), code="queue_full")
+            if isinstance(e, EngineClosedError):
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if isinstance(e, ValueError):
+                raise bad_request(str(e), param=prompt_param)
+            raise
+        return streams
+
+    async def sse_events(gen: GenerationRequest, builder: ResponseBuilder,
+                         streams: list[RequestStream]) -> AsyncIterator[bytes]:
+        include = gen.include_usage
+        if builder.chat:
+            for index in range(len(streams) * gen.params.n):
+                yield sse(builder.chunk([builder.role_choice(index)], include_usage=include))
+        try:
+            async for i, delta in watched(streams, config.request_timeout, metrics):
+                for c in delta.outputs:
+                    index = builder.index(i, c)
+                    if c.text or (gen.top_logprobs is not None and c.token_ids):
+                        yield sse(builder.chunk([builder.piece_choice(index, c)], include_usage=include))
+                    if c.finished:
+                        yield sse(builder.chunk([builder.finish_choice(index, c)], include_usage=include))
+            if include:
+                yield sse(builder.chunk([], usage([s.output() for s in streams]), include_usage=True))
+        except APIError as e:  # the status line is long gone: the error travels as an event
+            yield sse(e.body())
+        yield b"data: [DONE]\n\n"
+
+    return app
+
+
+async def watched(streams: list[RequestStream], timeout: float, metrics: ServerMetrics
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, increment) from all streams as they come, with metrics observed.
+
+    Raises APIError for a failed request (500) or when the call outlives `timeout` seconds (504,
+    0 = never); leaving early (error, cancellation, disconnect) aborts every request still running.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout if timeout else None
+    timers = [RequestTimer(metrics) for _ in streams]
+    pending = {asyncio.ensure_future(s.__anext__()): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise APIError(504, f"the request took longer than the server's limit of {timeout:g} s and was "
+                               f"stopped", code="timeout")
+            for task in sorted(done, key=pending.get):
+                i = pending.pop(task)
+                try:
+                    delta = task.result()
+                except StopAsyncIteration:
+                    continue
+                timers[i].observe(delta)
+                if delta.state == "failed":
+                    raise APIError(500, delta.error or "the request failed", code="request_failed")
+                if delta.state == "cancelled":
+                    raise APIError(503, "the request was cancelled: the server is shutting down",
+                                   code="shutting_down")
+                pending[asyncio.ensure_future(streams[i].__anext__())] = i
+                yield i, delta
+    finally:
+        for task in pending:
+            task.cancel()
+        for s in streams:
+            await s.aclose()
+
+
+def check_length(prompt_tokens: int, max_tokens: Optional[int], max_model_len: int, prompt_param: str) -> None:
+    if prompt_tokens >= max_model_len or (max_tokens is not None and prompt_tokens + max_tokens > max_model_len):
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                          f"{prompt_tokens + (max_tokens or 1)} tokens ({prompt_tokens} in the prompt, "
+                          f"{max_tokens or 1} for the completion). Please reduce the prompt or max_tokens.",
+                          param="max_tokens" if prompt_tokens < max_model_len else prompt_param)
+
+
+def chat_prompt(engine: AsyncLLM, messages: list[dict[str, str]]) -> str:
+    try:
+        return engine.engine.chat_prompt(messages)
+    except TemplateError as e:
+        raise bad_request(f"the chat template rejected the messages: {e}", param="messages")
+
+
+async def json_body() -> dict[str, Any]:
+    raw = await request.get_data()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}")
+    return check_body(body)
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def error_response(e: APIError) -> Response:
+    return Response(json.dumps(e.body()), status=e.status, content_type="application/json")

@@ -1,0 +1,78 @@
+"""ServerConfig: what the server serves and its limits, from LLAISYS_* environment variables or flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+from ..engine import EngineArgs
+
+# Environment variable -> (field, type). `llaisys serve` sets the same fields from its flags.
+ENV_VARS: dict[str, tuple[str, type]] = {
+    "LLAISYS_MODEL": ("model", str),
+    "LLAISYS_SERVED_MODEL_NAME": ("served_model_name", str),
+    "LLAISYS_API_KEY": ("api_key", str),
+    "LLAISYS_MAX_NUM_SEQS": ("max_num_seqs", int),
+    "LLAISYS_MAX_NUM_BATCHED_TOKENS": ("max_num_batched_tokens", int),
+    "LLAISYS_CTX": ("n_ctx", int),
+    "LLAISYS_MAX_MODEL_LEN": ("max_model_len", int),
+    "LLAISYS_MAX_WAITING": ("max_waiting", int),
+    "LLAISYS_THREADS": ("n_threads", int),
+    "LLAISYS_KV_DTYPE": ("kv_dtype", str),
+    "LLAISYS_WEIGHT_DTYPE": ("weight_dtype", str),
+    "LLAISYS_REQUEST_TIMEOUT": ("request_timeout", float),
+}
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """model:             an HF Qwen2 (or mock) model directory; None = the default model.
+    served_model_name: the id clients pass as `model`; None = the model directory's name.
+    api_key:           when set, every /v1/* request needs `Authorization: Bearer <key>`
+                       (a comma-separated list allows several keys).
+    request_timeout:   seconds a request may run before it is aborted; 0 = no limit.
+    The rest are the engine's limits (see EngineArgs).
+    """
+
+    model: Optional[str] = None
+    served_model_name: Optional[str] = None
+    api_key: Optional[str] = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    n_ctx: int = 16384
+    max_model_len: Optional[int] = None
+    max_waiting: int = 256
+    n_threads: int = 0
+    kv_dtype: str = "f32"
+    weight_dtype: Optional[str] = None
+    request_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.request_timeout < 0:
+            raise ValueError(f"request_timeout must be >= 0 seconds, got {self.request_timeout}")
+        self.engine_args()  # the engine's own checks, before anything loads
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> "ServerConfig":
+        """Fields from LLAISYS_* variables (empty ones ignored), then the keyword overrides."""
+        values = {}
+        for var, (field, kind) in ENV_VARS.items():
+            raw = environ.get(var, "").strip()
+            if raw:
+                try:
+                    values[field] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{var} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
+
+    def engine_args(self, model: Optional[Path] = None) -> EngineArgs:
+        return EngineArgs(model=str(model or self.model) if (model or self.model) else None,
+                          max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                          n_ctx=self.n_ctx, max_model_len=self.max_model_len, max_waiting=self.max_waiting,
+                          n_threads=self.n_threads, kv_dtype=self.kv_dtype, weight_dtype=self.weight_dtype)

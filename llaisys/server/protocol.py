@@ -1,0 +1,169 @@
+"""Request bodies of the OpenAI API, checked field by field and turned into engine terms.
+
+Every problem raises APIError 400 naming the field (404 for an unknown model). Unknown fields are
+ignored, as vLLM does. Fields a request leaves open take the model's generation-config defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+from ..engine import SamplingParams
+from .errors import APIError, bad_request
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One API call: its prompts (one engine request each, as text or token ids) and how to run them."""
+
+    prompts: list[dict[str, Any]]  # {"prompt": text} and/or {"prompt_token_ids": ids}
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    top_logprobs: Optional[int]  # None = no logprobs in the answer
+
+
+def check_body(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def check_model(body: dict[str, Any], served_name: str) -> None:
+    model = field(body, "model", str, None)
+    if model is not None and model != served_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{served_name}`.",
+                       param="model", code="model_not_found")
+
+
+def field(body: dict[str, Any], name: str, kind, default=None):
+    """body[name] if it has the JSON type `kind` (int, float, str, bool, list, dict), else 400; null = default."""
+    value = body.get(name, None)
+    if value is None:
+        return default
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if not ok.get(kind, lambda v: isinstance(v, kind))(value):
+        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+                 dict: "an object"}
+        raise bad_request(f"'{name}' must be {names[kind]}, got {value!r}"[:300], param=name)
+    return value
+
+
+def parse_chat(body: dict[str, Any], defaults: dict[str, Any], render: Callable[[list], str]) -> GenerationRequest:
+    """A /v1/chat/completions body; render turns checked messages into the prompt text."""
+    messages = field(body, "messages", list)
+    if not messages:
+        raise bad_request("'messages' must be a non-empty array of {role, content} objects", param="messages")
+    prompt = render([_message(i, m) for i, m in enumerate(messages)])
+    logprobs = field(body, "logprobs", bool, False)
+    top = field(body, "top_logprobs", int, None)
+    if top is not None and not logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    max_tokens = field(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = field(body, "max_tokens", int, defaults.get("max_tokens"))
+    top = (top or 0) if logprobs else None
+    return _generation([{"prompt": prompt}], body, defaults, max_tokens, top)
+
+
+def parse_completion(body: dict[str, Any], defaults: dict[str, Any]) -> GenerationRequest:
+    """A /v1/completions body: prompt as a string, strings, token ids, or lists of token ids."""
+    prompt = body.get("prompt", None)
+    if isinstance(prompt, str):
+        prompts = [{"prompt": prompt}]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [{"prompt": p} for p in prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_ids(p) for p in prompt):
+        prompts = [{"prompt_token_ids": p} for p in prompt]
+    elif _is_ids(prompt):
+        prompts = [{"prompt_token_ids": prompt}]
+    else:
+        raise bad_request("'prompt' must be a non-empty string, array of strings, array of token ids, "
+                          "or array of token-id arrays", param="prompt")
+    if any(not p.get("prompt", True) or not p.get("prompt_token_ids", True) for p in prompts):
+        raise bad_request("'prompt' must not be empty", param="prompt")
+    if field(body, "echo", bool, False):
+        raise bad_request("'echo' is not supported", param="echo")
+    if field(body, "suffix", str, None):
+        raise bad_request("'suffix' is not supported", param="suffix")
+    n = field(body, "n", int, 1)
+    if field(body, "best_of", int, n) != n:
+        raise bad_request("'best_of' other than n is not supported", param="best_of")
+    max_tokens = field(body, "max_tokens", int, defaults.get("max_tokens", 16))
+    return _generation(prompts, body, defaults, max_tokens, field(body, "logprobs", int, None))
+
+
+def parse_token_ids(body: dict[str, Any], name: str = "tokens") -> list[int]:
+    ids = body.get(name)
+    if not _is_ids(ids):
+        raise bad_request(f"'{name}' must be an array of token ids", param=name)
+    return ids
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object with 'role' and 'content'", param=param)
+    role = message.get("role")
+    if role not in ("system", "developer", "user", "assistant", "tool"):
+        raise bad_request(f"{param}.role must be one of system, developer, user, assistant, tool; got {role!r}",
+                          param=f"{param}.role")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    elif isinstance(content, list):  # content parts: only text is understood
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise bad_request(f"{param}.content parts must be {{'type': 'text', 'text': ...}}; only text is "
+                              f"supported", param=f"{param}.content")
+        content = "".join(p["text"] for p in content)
+    elif not isinstance(content, str):
+        raise bad_request(f"{param}.content must be a string or an array of text parts", param=f"{param}.content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _generation(prompts: list[dict[str, Any]], body: dict[str, Any], defaults: dict[str, Any],
+                max_tokens: Optional[int], top_logprobs: Optional[int]) -> GenerationRequest:
+    stream = field(body, "stream", bool, False)
+    options = field(body, "stream_options", dict, None)
+    if options is not None and not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include_usage = field(options or {}, "include_usage", bool, False)
+    field(body, "user", str)  # accepted and otherwise unused
+    temperature = field(body, "temperature", float, defaults.get("temperature", 1.0))
+    if not 0.0 <= temperature <= 2.0:
+        raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise bad_request("'stop' must be a string or an array of strings", param="stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' holds at most {MAX_STOP_STRINGS} strings", param="stop")
+    seed = field(body, "seed", int, None)
+    values = dict(
+        n=field(body, "n", int, 1), max_tokens=max_tokens, min_tokens=field(body, "min_tokens", int, 0),
+        temperature=temperature, top_p=field(body, "top_p", float, defaults.get("top_p", 1.0)),
+        top_k=field(body, "top_k", int, defaults.get("top_k", 0)),
+        min_p=field(body, "min_p", float, defaults.get("min_p", 0.0)),
+        seed=None if seed is None else seed % 2**64,  # OpenAI takes any int64; the generator wants >= 0
+        stop=stop, stop_token_ids=field(body, "stop_token_ids", list, None),
+        ignore_eos=field(body, "ignore_eos", bool, False),
+        presence_penalty=field(body, "presence_penalty", float, 0.0),
+        frequency_penalty=field(body, "frequency_penalty", float, 0.0),
+        repetition_penalty=field(body, "repetition_penalty", float, defaults.get("repetition_penalty", 1.0)),
+        logprobs=top_logprobs)
+    try:
+        params = SamplingParams(**values)
+    except ValueError as e:  # the message starts with the field's name
+        name = str(e).split(" ", 1)[0]
+        raise bad_request(str(e), param="top_logprobs" if name == "logprobs" and "messages" in body else name)
+    return GenerationRequest(prompts, params, stream, include_usage, top_logprobs)

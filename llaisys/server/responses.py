@@ -1,0 +1,111 @@
+"""Engine outputs in OpenAI's response shapes: chat.completion(.chunk) and text_completion."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Optional
+
+from ..engine import CompletionOutput, RequestOutput
+
+
+class ResponseBuilder:
+    """The answer to one API call, whole or as stream chunks. Choice index = prompt index * n + completion index.
+
+    chat: True for /v1/chat/completions, False for /v1/completions.
+    """
+
+    def __init__(self, chat: bool, model: str, n: int, top_logprobs: Optional[int]):
+        self.chat = chat
+        self.model = model
+        self.n = n
+        self.top_logprobs = top_logprobs
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._text_offsets: dict[int, int] = {}  # choice -> characters streamed so far (completion logprobs)
+
+    def index(self, prompt_index: int, completion: CompletionOutput) -> int:
+        return prompt_index * self.n + completion.index
+
+    # whole answers
+    def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for p, out in enumerate(outputs):
+            for c in out.outputs:
+                choice: dict[str, Any] = {"index": self.index(p, c)}
+                if self.chat:
+                    choice["message"] = {"role": "assistant", "content": c.text}
+                else:
+                    choice["text"] = c.text
+                choice["logprobs"] = self._logprobs(self.index(p, c), c)
+                choice["finish_reason"] = c.finish_reason
+                if c.stop_reason is not None:
+                    choice["stop_reason"] = c.stop_reason
+                choices.append(choice)
+        choices.sort(key=lambda ch: ch["index"])
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "usage": usage(outputs),
+                "system_fingerprint": None}
+
+    # stream chunks
+    def chunk(self, choices: list[dict[str, Any]], usage_: Optional[dict[str, int]] = None,
+              include_usage: bool = False) -> dict[str, Any]:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_
+        return body
+
+    def role_choice(self, index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def piece_choice(self, index: int, piece: CompletionOutput) -> dict[str, Any]:
+        """The new text (and logprobs) of one completion; without its finish reason."""
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {"content": piece.text}
+        else:
+            choice["text"] = piece.text
+        choice["logprobs"] = self._logprobs(index, piece)
+        choice["finish_reason"] = None
+        return choice
+
+    def finish_choice(self, index: int, piece: CompletionOutput) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        choice.update(logprobs=None, finish_reason=piece.finish_reason)
+        if piece.stop_reason is not None:
+            choice["stop_reason"] = piece.stop_reason
+        return choice
+
+    def _logprobs(self, index: int, c: CompletionOutput) -> Optional[dict[str, Any]]:
+        if self.top_logprobs is None or c.logprobs is None:
+            return None
+        steps = [(step[token], sorted((lp for lp in step.values() if lp.rank <= self.top_logprobs),
+                                      key=lambda lp: lp.rank))
+                 for token, step in zip(c.token_ids, c.logprobs)]
+        if self.chat:
+            return {"content": [dict(_token(chosen), top_logprobs=[_token(lp) for lp in top])
+                                for chosen, top in steps]}
+        offsets, offset = [], self._text_offsets.get(index, 0)
+        for chosen, _ in steps:
+            offsets.append(offset)
+            offset += len(chosen.decoded_token)
+        self._text_offsets[index] = offset
+        return {"tokens": [chosen.decoded_token for chosen, _ in steps],
+                "token_logprobs": [chosen.logprob for chosen, _ in steps],
+                "top_logprobs": [{lp.decoded_token: lp.logprob for lp in top} for _, top in steps],
+                "text_offset": offsets}
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(out.prompt_token_ids) for out in outputs)
+    completion = sum(out.metrics.num_generated_tokens for out in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token(lp) -> dict[str, Any]:
+    return {"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list(lp.decoded_token.encode("utf-8"))}

@@ -1,0 +1,77 @@
+"""A real llaisys server for online tests: hypercorn in a child process on 127.0.0.1."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+STARTUP_TIMEOUT = 300.0  # seconds; the real model loads in a few seconds, a cold editable build takes longer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 10.0) -> tuple[int, dict]:
+    """GET url; (status, parsed JSON body) for success and HTTP errors alike."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def metric(base_url: str, name: str) -> float:
+    """The value of one unlabelled sample in /metrics (summed over its labels otherwise)."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]
+    if not values:
+        raise KeyError(f"metric {name} not in /metrics")
+    return sum(values)
+
+
+@contextlib.contextmanager
+def running_server(model_dir: str | Path, **env: str) -> Iterator[str]:
+    """Start `hypercorn llaisys.app:app` serving model_dir; yields its base URL once /health says 200.
+
+    Extra keyword arguments are environment variables for the server (LLAISYS_API_KEY=..., ...).
+    The server's output goes to this process's stderr, so pytest shows it for a failing test.
+    """
+    port = free_port()
+    child_env = {**os.environ, "LLAISYS_MODEL": str(model_dir), **{k: str(v) for k, v in env.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "hypercorn", "llaisys.app:app", "--bind", f"127.0.0.1:{port}"],
+                            env=child_env, stdin=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+            try:
+                if get_json(f"{base_url}/health", timeout=2)[0] == 200:
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready within {STARTUP_TIMEOUT:.0f} s")
+            time.sleep(0.1)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
