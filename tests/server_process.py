@@ -42,9 +42,8 @@ def metric(base_url: str, name: str) -> float:
     return sum(values)
 
 
-@contextlib.contextmanager
-def running_server(model_dir: str | Path, **env: str) -> Iterator[str]:
-    """Start `hypercorn llaisys.app:app` serving model_dir; yields its base URL once /health says 200.
+def start_server(model_dir: str | Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """Launch `hypercorn llaisys.app:app` serving model_dir on a free port; returns at once (process, base URL).
 
     Extra keyword arguments are environment variables for the server (LLAISYS_API_KEY=..., ...).
     The server's output goes to this process's stderr, so pytest shows it for a failing test.
@@ -53,25 +52,40 @@ def running_server(model_dir: str | Path, **env: str) -> Iterator[str]:
     child_env = {**os.environ, "LLAISYS_MODEL": str(model_dir), **{k: str(v) for k, v in env.items()}}
     proc = subprocess.Popen([sys.executable, "-m", "hypercorn", "llaisys.app:app", "--bind", f"127.0.0.1:{port}"],
                             env=child_env, stdin=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def poll_health(proc: subprocess.Popen, base_url: str, until: int = 200) -> list[tuple[int, dict]]:
+    """Every /health answer (status, body) until one has status `until`; the port may not be open at first."""
+    seen: list[tuple[int, dict]] = []
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not seen or seen[-1][0] != until:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before /health said {until}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"/health did not say {until} within {STARTUP_TIMEOUT:.0f} s (last: {seen[-1:]})")
+        try:
+            seen.append(get_json(f"{base_url}/health", timeout=2))
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return seen
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
-            try:
-                if get_json(f"{base_url}/health", timeout=2)[0] == 200:
-                    break
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready within {STARTUP_TIMEOUT:.0f} s")
-            time.sleep(0.1)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(model_dir: str | Path, **env: str) -> Iterator[str]:
+    """A server for model_dir (see start_server); yields its base URL once /health says 200."""
+    proc, base_url = start_server(model_dir, **env)
+    try:
+        poll_health(proc, base_url)
         yield base_url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)

@@ -42,7 +42,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     service = ModelService(config)
     metrics = ServerMetrics(service.model_name, lambda: service.engine.stats() if service.engine else None)
     static = webui_dir()
-    app = Quart(__name__, static_folder=str(static), static_url_path="")
+    app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
     app.config["LLAISYS_SERVICE"] = service
 
@@ -80,9 +80,10 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
-    @app.get("/")
-    async def index():
-        return await send_from_directory(static, "index.html")
+    # The page's files get one route each, so that any other path is a 404 and a GET on an API path a 405.
+    for path in sorted(p for p in static.rglob("*") if p.is_file()):
+        name = path.relative_to(static).as_posix()
+        app.add_url_rule("/" if name == "index.html" else f"/{name}", f"webui:{name}", _static_view(static, name))
 
     @app.get("/health")
     async def health():
@@ -150,6 +151,9 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     def submit(engine: AsyncLLM, gen: GenerationRequest, call_id: str, prompt_param: str) -> list[RequestStream]:
         """One engine request per prompt; all or none (a refused one cancels those already submitted)."""
         streams: list[RequestStream] = []
+        if gen.params.n > engine.engine.args.max_num_seqs:
+            raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.engine.args.max_num_seqs} sequences this "
+                              f"server runs at once", param="n")
         try:
             for i, prompt in enumerate(gen.prompts):
                 text, ids = engine.engine.tokenize(prompt)
@@ -228,6 +232,12 @@ async def watched(streams: list[RequestStream], timeout: float, metrics: ServerM
             task.cancel()
         for s in streams:
             await s.aclose()
+
+
+def _static_view(folder: Path, name: str):
+    async def view():
+        return await send_from_directory(folder, name)
+    return view
 
 
 def check_length(prompt_tokens: int, max_tokens: Optional[int], max_model_len: int, prompt_param: str) -> None:

@@ -1,0 +1,90 @@
+"""A small asyncio HTTP/1.1 client for online tests: whole responses, SSE streams, and hanging up mid-request."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Optional
+from urllib.parse import urlsplit
+
+
+class Connection:
+    """One request on its own connection (Connection: close); `close()` hangs up at any point."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    @classmethod
+    async def open(cls, base_url: str, method: str, path: str, body: Any = None,
+                   headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None) -> "Connection":
+        url = urlsplit(base_url)
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {url.netloc}", "Connection: close",
+                 f"Content-Length: {len(data)}", "Content-Type: application/json"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+        await writer.drain()
+        conn = cls(reader, writer)
+        status_line = await reader.readline()
+        conn.status = int(status_line.split()[1])
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            conn.headers[name.strip().lower()] = value.strip()
+        return conn
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (chunked transfer decoded)."""
+        if self.headers.get("transfer-encoding") == "chunked":
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    return
+                data = await self.reader.readexactly(size)
+                await self.reader.readline()
+                yield data
+        elif "content-length" in self.headers:
+            yield await self.reader.readexactly(int(self.headers["content-length"]))
+        else:
+            yield await self.reader.read()
+
+    async def body(self) -> bytes:
+        return b"".join([c async for c in self.chunks()])
+
+    async def events(self) -> AsyncIterator[Any]:
+        """SSE `data:` payloads, parsed as JSON except the final "[DONE]"."""
+        buffer = b""
+        async for chunk in self.chunks():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        payload = line[6:].decode()
+                        yield payload if payload == "[DONE]" else json.loads(payload)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def call(base_url: str, method: str, path: str, body: Any = None, headers: Optional[dict[str, str]] = None,
+               raw: Optional[bytes] = None) -> tuple[int, Any]:
+    """(status, JSON body) of one request."""
+    conn = await Connection.open(base_url, method, path, body, headers, raw)
+    try:
+        data = await conn.body()
+    finally:
+        conn.close()
+    return conn.status, json.loads(data) if data else None
+
+
+async def stream(base_url: str, path: str, body: dict, headers: Optional[dict[str, str]] = None) -> list[Any]:
+    """Every SSE payload of a streamed request (the final "[DONE]" included)."""
+    conn = await Connection.open(base_url, "POST", path, body, headers)
+    try:
+        assert conn.status == 200, (conn.status, await conn.body())
+        assert conn.headers["content-type"].startswith("text/event-stream")
+        return [e async for e in conn.events()]
+    finally:
+        conn.close()
