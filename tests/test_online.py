@@ -184,6 +184,22 @@ async def test_metrics_count_tokens_and_latencies(server):
         metric(server, name.split("{")[0])
 
 
+async def test_the_models_generation_config_fills_fields_the_request_leaves_open(tmp_path):
+    import json
+
+    from llaisys.models.mock import write_mock_model
+
+    model = write_mock_model(tmp_path / "mock")
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
+    with mock_server(model) as url:
+        body = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        replies = [(await call(url, "POST", CHAT, body))[1] for _ in range(2)]
+        assert [r["usage"]["completion_tokens"] for r in replies] == [5, 5]  # max_new_tokens
+        assert replies[0]["choices"] == replies[1]["choices"]  # temperature 0: greedy
+        _, longer = await call(url, "POST", CHAT, {**body, "max_tokens": 7, "temperature": 1.0, "seed": 1})
+        assert longer["usage"]["completion_tokens"] == 7
+
+
 # errors: status, OpenAI's error shape, the field named; the server stays up and leaks nothing
 BAD_CHAT = [
     ("messages missing", {"model": "mock"}, "messages"),
@@ -267,6 +283,50 @@ async def test_errors_leave_the_server_serving_and_leak_nothing(server):
     await asyncio.gather(*(call(server, "POST", CHAT, b) for _, b, _ in BAD_CHAT))
     await assert_idle(server)
     assert (await call(server, "POST", CHAT, chat_body()))[0] == 200
+
+
+def test_no_body_crashes_the_server_or_leaks_cells(server):
+    """Random bodies mixing valid and invalid fields: always a 200 or a 4xx in OpenAI's shape, never a 500."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.just(""), st.just([]), st.just({}))
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x", 3]),
+                                     "content": st.one_of(st.text(max_size=30), scalar)})
+    fields = {"model": st.sampled_from(["mock", "other", None, 5]),
+              "messages": st.one_of(st.lists(st.one_of(message, scalar), max_size=3), scalar),
+              "prompt": st.one_of(st.text(max_size=20), st.lists(st.integers(-5, 400), max_size=5),
+                                  st.lists(st.text(max_size=5), max_size=3), scalar),
+              "max_tokens": st.one_of(st.integers(-1, 6), scalar), "temperature": scalar, "top_p": scalar,
+              "top_k": scalar, "min_p": scalar, "n": st.one_of(st.integers(-1, 3), scalar), "seed": scalar,
+              "stop": st.one_of(st.lists(st.text(max_size=3), max_size=3), scalar), "stream": scalar,
+              "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": scalar}), scalar),
+              "logprobs": scalar, "top_logprobs": scalar, "presence_penalty": scalar, "frequency_penalty": scalar}
+    bodies = st.fixed_dictionaries({}, optional=fields)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from([CHAT, COMPLETIONS]), body=bodies)
+    def post(path, body):
+        body.setdefault("max_tokens", 4)
+        request = urllib.request.Request(server + path, json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                status, text = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode()
+        assert status in (200, 400, 404), (status, text)
+        if status != 200:
+            assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+        elif body.get("stream") is True:
+            assert text.endswith("data: [DONE]\n\n") and '"error"' not in text
+
+    post()
+    asyncio.run(assert_idle(server))
 
 
 # cancellation
