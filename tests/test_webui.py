@@ -226,11 +226,16 @@ class ChatPage:
         wait_for(lambda: not self.find("#settings").is_displayed(), message="the settings panel to close")
 
     def send(self, text: str) -> None:
+        """Type text into the prompt (newlines with Shift+Enter) and send it with Enter."""
         from selenium.webdriver.common.keys import Keys
 
         n = len(self.find_all(".message.assistant"))
         prompt = self.find("#prompt")
-        prompt.send_keys(text)
+        for k, line in enumerate(text.split("\n")):
+            if k:
+                prompt.send_keys(Keys.SHIFT, Keys.ENTER, Keys.SHIFT)  # Shift+Enter: a new line, not sent
+            prompt.send_keys(line)
+        assert prompt.get_attribute("value") == text
         prompt.send_keys(Keys.ENTER)
         wait_for(lambda: len(self.find_all(".message.assistant")) > n or self.find_all(".error"),
                  message="the reply to start")
@@ -262,6 +267,14 @@ class ChatPage:
 
 def running_requests(base_url: str) -> float:
     return metric(base_url, "llaisys:num_requests_running")
+
+
+def aborted_requests(base_url: str) -> float:
+    """llaisys:request_success_total{finished_reason="abort"}."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("llaisys:request_success_total{") and 'finished_reason="abort"' in line)
 
 
 # ---------- the markdown renderer ----------
@@ -360,11 +373,14 @@ def test_stop_keeps_the_partial_reply_and_the_server_stops(driver, mock_server):
     no running request left."""
     page = ChatPage(driver, mock_server).open()
     page.settings(max_tokens=16000)
+    aborted = aborted_requests(mock_server)
     page.send("a long one")
     wait_for(lambda: page.reply_length() > 300, message="some of the reply")
+    assert running_requests(mock_server) == 1
     page.find("#stop").click()
     wait_for(lambda: not page.busy(), timeout=5, message="Stop to end the reply")
     wait_for(lambda: running_requests(mock_server) == 0, timeout=5, message="the server to drop the request")
+    assert aborted_requests(mock_server) == aborted + 1
     length = page.reply_length()
     time.sleep(0.5)
     assert page.reply_length() == length
@@ -462,8 +478,9 @@ def test_edit_a_message_and_regenerate(driver, mock_server):
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert len(messages[1]["content"]) == 32 and messages[1]["content"] != before
     # Only the last answer offers Regenerate.
-    page.send("delta")
+    page.send("delta\nepsilon")
     page.wait_idle()
+    assert page.current_messages()[2]["content"] == "delta\nepsilon"
     assert len(page.find_all(".message.assistant .regenerate")) == 1
     assert page.find_all(".message.assistant")[-1].find_elements("css selector", ".regenerate")
 

@@ -93,6 +93,19 @@
     return -1;
   }
 
+  // The ")" matching the "(" at `open` (URLs may hold balanced parentheses); -1 when there is none.
+  function closingParen(src, open) {
+    var depth = 0;
+    for (var i = open; i < src.length; i++) {
+      var ch = src.charAt(i);
+      if (ch === "\\") { i++; continue; }
+      if (ch === "\n") return -1;
+      if (ch === "(") depth++;
+      else if (ch === ")" && --depth === 0) return i;
+    }
+    return -1;
+  }
+
   // A closing emphasis delimiter `delim` after `from`: content non-empty, not padded with spaces.
   function closingDelimiter(src, from, delim) {
     var ch = delim.charAt(0);
@@ -177,7 +190,7 @@
       if (ch === "[" && !inLink) {
         var close = closingBracket(src, i);
         if (close > i && src.charAt(close + 1) === "(") {
-          var paren = src.indexOf(")", close + 2);
+          var paren = closingParen(src, close + 1);
           if (paren > 0) {
             var target = src.slice(close + 2, paren).trim().split(/\s+/)[0] || "";
             var href = safeUrl(target);
