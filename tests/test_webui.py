@@ -112,8 +112,8 @@ def make_driver(width: int = 1280, height: int = 800, mobile: bool = False):
 
 
 def set_viewport(driver, width: int, height: int, mobile: bool = False) -> None:
-    """The page's viewport exactly width x height CSS pixels (a window's size includes no chrome headless,
-    but this also sets the mobile flag and scale)."""
+    """The page's viewport: exactly width x height CSS pixels (--window-size counts the browser's own UI
+    even headless), with a phone's touch-less mobile flag and 2x scale when mobile."""
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": width, "height": height, "deviceScaleFactor": 2 if mobile else 1, "mobile": mobile})
 
