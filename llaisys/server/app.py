@@ -29,6 +29,10 @@ from .service import ModelService
 
 log = logging.getLogger(__name__)
 
+# The page loads and talks only to its own origin, and no other site may frame it.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+               "frame-ancestors 'none'")
+
 
 def webui_dir() -> Path:
     """The chat page's files: packaged next to the code in a wheel, at the repository root otherwise."""
@@ -44,6 +48,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     static = webui_dir()
     app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # no Expires: the page's files are revalidated by ETag
     app.config["LLAISYS_SERVICE"] = service
 
     @app.before_serving
@@ -81,9 +86,9 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     # The page's files get one route each, so that any other path is a 404 and a GET on an API path a 405.
-    for path in sorted(p for p in static.rglob("*") if p.is_file()):
-        name = path.relative_to(static).as_posix()
-        app.add_url_rule("/" if name == "index.html" else f"/{name}", f"webui:{name}", _static_view(static, name))
+    for path in sorted(static.glob("*.*")):
+        app.add_url_rule("/" if path.name == "index.html" else f"/{path.name}", f"webui:{path.name}",
+                         _static_view(static, path.name))
 
     @app.get("/health")
     async def health():
@@ -236,7 +241,12 @@ async def watched(streams: list[RequestStream], timeout: float, metrics: ServerM
 
 def _static_view(folder: Path, name: str):
     async def view():
-        return await send_from_directory(folder, name)
+        response = await send_from_directory(folder, name)
+        # Revalidate every time (ETag), so an upgraded server never mixes old and new page files.
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = PAGE_POLICY
+        return response
     return view
 
 
