@@ -3,6 +3,11 @@ import logging
 
 from .server import create_app
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-logging.getLogger("hypercorn.error").propagate = False  # hypercorn prints its own lines
+# hypercorn prints its own lines; llaisys's go to stderr beside them (unless the host configured logging).
+_log = logging.getLogger("llaisys")
+if not _log.handlers and not logging.getLogger().handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
 app = create_app()

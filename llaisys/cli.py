@@ -68,7 +68,7 @@ def cmd_serve(args) -> int:
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.accesslog = "-" if args.verbose else None
-    logging.getLogger("hypercorn.error").propagate = False  # hypercorn prints its own lines
+    hyper.errorlog = logging.getLogger("hypercorn.error")  # through our handler, not a second one of its own
     log.info("chat page and API at http://%s:%d/ (model loads in the background; /health says when ready)",
              args.host, args.port)
     asyncio.run(_serve_until_signalled(serve, create_app(config), hyper))
