@@ -79,11 +79,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server_process import free_port, get_json, running_server
+from tests.server_process import free_port, get_json, poll_health, running_server, stop_server
 
 log = logging.getLogger("bench_server")
 
-STARTUP_TIMEOUT = 300.0  # seconds for a server to answer /health with 200
 
 # Chat-like prompts: a few context sentences (0..4) and one request.
 CONTEXT = [
@@ -334,24 +333,13 @@ def peer_process(command: str) -> Iterator[str]:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the peer exited with code {proc.returncode}; see {log_file.name}")
-            with contextlib.suppress(OSError, ValueError):
-                if get_json(f"{base_url}/health", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the peer was not ready within {STARTUP_TIMEOUT:.0f} s; see {log_file.name}")
-            time.sleep(0.2)
+        try:
+            poll_health(proc, base_url)
+        except RuntimeError as e:
+            raise RuntimeError(f"the peer did not start: {e}; see {log_file.name}") from None
         yield base_url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @contextlib.contextmanager
