@@ -24,3 +24,8 @@ def mock_greedy(prompt, steps: int, vocab: int = 300, keep_eos: bool = False) ->
         out.append(token)
         seq.append(token)
     return out
+
+
+def held_cells(engine) -> int:
+    """Cells the core holds for requests: all it holds minus the prefix cache's (which are free for the taking)."""
+    return engine.worker.kv_used - engine.scheduler.kv_cached

@@ -10,7 +10,7 @@ from llaisys.engine import (AsyncLLM, EngineArgs, EngineClosedError, EngineOverl
                             RequestFailedError, SamplingParams)
 from llaisys.models.mock import write_mock_model
 
-from mock_oracle import mock_greedy
+from mock_oracle import held_cells, mock_greedy
 
 VOCAB = 300
 GREEDY = dict(temperature=0.0)
@@ -53,7 +53,7 @@ async def test_concurrent_generate_matches_the_oracle(mock_dir):
         async with anyio.create_task_group() as tg:
             for p in prompts:
                 tg.start_soon(one, p)
-        assert engine.engine.worker.kv_used == 0
+        assert held_cells(engine.engine) == 0
         stats = engine.stats()
     for p in prompts:
         out = results[p]
@@ -88,7 +88,7 @@ async def test_cancelling_the_awaiting_task_frees_cells_within_a_step(mock_dir):
             await engine.generate("x" * 10, SamplingParams(max_tokens=10_000, ignore_eos=True, **GREEDY),
                                   request_id="victim")
         steps_at_cancel = core.stats().num_steps
-        await wait_until(lambda: core.worker.kv_used == 0)
+        await wait_until(lambda: held_cells(core) == 0)
         assert core.stats().num_steps - steps_at_cancel <= 1
         assert "victim" not in core.requests
         assert core.stats().finished_by_reason["abort"] == 1
@@ -103,7 +103,7 @@ async def test_leaving_the_stream_early_cancels_the_request(mock_dir):
             n += len(delta.outputs[0].token_ids)
             if n >= 5:
                 break
-        await wait_until(lambda: "early" not in core.requests and core.worker.kv_used == 0)
+        await wait_until(lambda: "early" not in core.requests and held_cells(core) == 0)
         assert core.stats().finished_by_reason["abort"] == 1
 
 
@@ -124,7 +124,7 @@ async def test_abort_by_id_and_the_states_seen_on_the_way(mock_dir):
             if delta.state == "running":
                 engine.abort("second")
         assert delta.state == "cancelled" and delta.outputs[0].finish_reason == "abort"
-        await wait_until(lambda: core.worker.kv_used == 0 and not core.has_unfinished_requests())
+        await wait_until(lambda: held_cells(core) == 0 and not core.has_unfinished_requests())
 
 
 async def test_full_waiting_queue_raises_overloaded(mock_dir):
@@ -138,7 +138,7 @@ async def test_full_waiting_queue_raises_overloaded(mock_dir):
             await s.aclose()
         await wait_until(lambda: engine.stats().num_waiting == engine.stats().num_running == 0)
         await engine.generate("d", SamplingParams(max_tokens=3))  # room again
-        assert engine.engine.worker.kv_used == 0
+        assert held_cells(engine.engine) == 0
 
 
 async def test_submission_errors_are_raised_at_once(mock_dir):
@@ -173,7 +173,7 @@ async def test_a_failing_request_does_not_stop_the_loop(mock_dir, monkeypatch):
                 await engine.generate("bad", params, request_id="bad")
         out = await engine.generate("after", params)
         assert out.outputs[0].token_ids == mock_greedy(b"after", 8, VOCAB, keep_eos=True)
-        assert engine.stats().requests_failed == 1 and worker.kv_used == 0
+        assert engine.stats().requests_failed == 1 and held_cells(engine.engine) == 0
 
 
 async def test_the_event_loop_stays_responsive_while_stepping(mock_dir):
@@ -206,7 +206,7 @@ async def test_shutdown_cancels_what_is_in_flight(mock_dir):
             tg.start_soon(consume)
             await wait_until(lambda: len(results) >= 2)
     assert results[-1].finished and results[-1].state == "cancelled"
-    assert engine.engine.worker.kv_used == 0
+    assert held_cells(engine.engine) == 0
 
 
 async def test_a_dropped_stream_cancels_its_request(mock_dir):
@@ -216,4 +216,4 @@ async def test_a_dropped_stream_cancels_its_request(mock_dir):
                                request_id="dropped")
         await wait_until(lambda: "dropped" in core.requests)
         del stream  # never iterated
-        await wait_until(lambda: "dropped" not in core.requests and core.worker.kv_used == 0)
+        await wait_until(lambda: "dropped" not in core.requests and held_cells(core) == 0)

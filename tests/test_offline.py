@@ -13,7 +13,7 @@ from llaisys import LLM, SamplingParams
 from llaisys.engine import EngineArgs, LLMEngine, PromptTooLongError, RequestState
 from llaisys.models.mock import write_mock_model
 
-from mock_oracle import mock_greedy
+from mock_oracle import held_cells, mock_greedy
 
 VOCAB = 300
 EOS = VOCAB - 1
@@ -40,10 +40,11 @@ def run_checked(engine: LLMEngine, max_steps: int = 10_000) -> int:
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-        assert engine.scheduler.kv_used == engine.worker.kv_used, "scheduler and core disagree on used cells"
+        assert engine.scheduler.kv_used + engine.scheduler.kv_cached == engine.worker.kv_used, \
+            "scheduler and core disagree on used cells"
         assert sum(len(r.live) for r in engine.scheduler.running) <= engine.args.max_num_seqs
         assert steps < max_steps, "the engine does not make progress"
-    assert engine.worker.kv_used == 0
+    assert held_cells(engine) == 0 == engine.scheduler.kv_used
     return steps
 
 
@@ -70,7 +71,7 @@ def test_greedy_mock_outputs_follow_the_oracle(mock_dir):
         assert m.num_prompt_tokens == len(prompt) and m.num_generated_tokens == len(expected)
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
         assert m.queue_time >= 0 and m.time_to_first_token >= m.queue_time
-    assert llm.engine.worker.kv_used == 0
+    assert held_cells(llm.engine) == 0
 
 
 def test_prompt_forms_and_params_per_prompt(mock_dir):
@@ -222,7 +223,7 @@ def test_bad_input_raises_naming_the_problem(mock_dir):
         EngineArgs(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="messages"):
         llm.chat([])
-    assert llm.engine.worker.kv_used == 0 and not llm.engine.has_unfinished_requests()
+    assert held_cells(llm.engine) == 0 and not llm.engine.has_unfinished_requests()
 
 
 def test_request_lifecycle_and_abort(mock_dir):
@@ -237,11 +238,11 @@ def test_request_lifecycle_and_abort(mock_dir):
     assert a.state is RequestState.RUNNING and b.state is RequestState.QUEUED  # one sequence slot
     out = engine.abort_request("a")
     assert out.finished and out.state == "cancelled" and a.completions[0].finish_reason == "abort"
-    assert engine.worker.kv_used == 0 and engine.abort_request("a") is None
+    assert held_cells(engine) == 0 and engine.abort_request("a") is None
     engine.step()
     assert b.state is RequestState.RUNNING
     engine.abort_request("b")
-    assert engine.worker.kv_used == 0 and not engine.has_unfinished_requests()
+    assert held_cells(engine) == 0 and not engine.has_unfinished_requests()
     stats = engine.stats()
     assert stats.finished_by_reason["abort"] == 2 and stats.num_running == stats.num_waiting == 0
 
@@ -317,10 +318,14 @@ def test_random_workloads_keep_every_invariant(mock_dir, seed, n_ctx, budget):
     requests, aborted = [], set()
     for step in range(400):
         if step < 40 and rng.random() < 0.3:
-            prompt = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+            prompt = [rng.randrange(256) for _ in range(rng.randint(1, 40))]
+            if requests and rng.random() < 0.5:  # a follow-up: part of an earlier request's tokens, then more
+                base = rng.choice([r for r in requests if r.state.done] or requests)
+                history = base.prompt_ids + base.completions[0].output_ids
+                prompt = history[:rng.randint(1, len(history))] + prompt[:rng.randint(0, 8)]
             params = SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, 30), **GREEDY)
             try:
-                requests.append(engine.add_request(list(prompt), params))
+                requests.append(engine.add_request(prompt, params))
             except PromptTooLongError:
                 assert len(prompt) >= n_ctx
         if requests and rng.random() < 0.03:
@@ -330,7 +335,7 @@ def test_random_workloads_keep_every_invariant(mock_dir, seed, n_ctx, budget):
         if not engine.has_unfinished_requests() and step >= 40:
             break
         engine.step()
-        assert engine.scheduler.kv_used == engine.worker.kv_used
+        assert engine.scheduler.kv_used + engine.scheduler.kv_cached == engine.worker.kv_used
         assert engine.stats().last_step_seconds >= 0
     run_checked(engine)
     for r in requests:
@@ -340,6 +345,85 @@ def test_random_workloads_keep_every_invariant(mock_dir, seed, n_ctx, budget):
         room = min(r.params.max_tokens, engine.max_model_len - len(r.prompt_ids))  # the context caps the output
         expected = mock_greedy(r.prompt_ids, room, VOCAB, keep_eos=True)
         assert all(c.output_ids == expected for c in r.completions), r.request_id
+
+
+# the prefix cache
+def test_a_prompt_that_extends_a_finished_one_computes_only_the_new_tokens(mock_dir):
+    engine = mock_engine(mock_dir, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
+    first = engine.add_request(list(range(1, 101)), params)  # 100 tokens: 7 prefill steps of 16
+    run_checked(engine)
+    history = first.prompt_ids + first.completions[0].output_ids
+    assert engine.scheduler.kv_cached == len(history) - 1  # the last sampled token was never computed
+    follow_up = history + list(b" next turn")
+    second = engine.add_request(follow_up, params)
+    engine.step()
+    # One step computed the 11 new tokens and sampled: the 109 before came from the cache.
+    assert len(second.completions[0].output_ids) == 1
+    stats = engine.stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (100 + len(follow_up), len(history) - 1)
+    assert stats.kv_cached_cells == 0 and stats.kv_used_cells == len(follow_up)
+    run_checked(engine)
+    assert second.completions[0].output_ids == mock_greedy(follow_up, 10, VOCAB, keep_eos=True)
+    # The same prompt again: all but its last token come from the cache, and the text is the same.
+    again = engine.add_request(follow_up, params)
+    run_checked(engine)
+    assert again.completions[0].output_ids == second.completions[0].output_ids
+    assert engine.stats().prefix_cache_hits == len(history) - 1 + len(follow_up) - 1
+
+
+def test_cached_sequences_give_way_to_new_requests(mock_dir):
+    # Two sequence slots and 110 cells (two requests need 100): the cache fills both slots, newcomers still get in.
+    engine = mock_engine(mock_dir, max_num_seqs=2, n_ctx=110, max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=20, ignore_eos=True, **GREEDY)
+    prompts = [[i + 1] * 30 for i in range(6)]
+    for prompt in prompts:
+        request = engine.add_request(prompt, params)
+        run_checked(engine)
+        assert request.completions[0].output_ids == mock_greedy(prompt, 20, VOCAB, keep_eos=True)
+        assert engine.scheduler.cache.num_entries <= 2 and engine.scheduler.kv_cached <= 110
+    both = [engine.add_request(p, params) for p in prompts[:2]]
+    run_checked(engine)
+    assert [r.completions[0].output_ids for r in both] == [mock_greedy(p, 20, VOCAB, keep_eos=True)
+                                                           for p in prompts[:2]]
+    assert engine.stats().num_preemptions == 0 and engine.stats().requests_failed == 0
+    engine.reset_prefix_cache()
+    assert engine.worker.kv_used == engine.scheduler.kv_cached == 0
+
+
+def test_a_cancelled_request_is_cached_and_a_failed_one_is_not(mock_dir, monkeypatch):
+    from llaisys.core import InvalidArgumentError
+
+    engine = mock_engine(mock_dir)
+    params = SamplingParams(max_tokens=40, ignore_eos=True, **GREEDY)
+    stopped = engine.add_request(list(b"stop me early"), params, request_id="stopped")
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("stopped")
+    computed = stopped.completions[0].num_computed
+    assert engine.scheduler.kv_cached == computed == engine.worker.kv_used
+    execute = engine.worker.execute
+
+    def reject(chunks):
+        if any(ch.completion.request.request_id == "bad" for ch in chunks):
+            raise InvalidArgumentError("decode: planted fault")
+        return execute(chunks)
+
+    monkeypatch.setattr(engine.worker, "execute", reject)
+    bad = engine.add_request(list(b"stop me early, please"), params, request_id="bad")
+    run_checked(engine)
+    assert bad.state is RequestState.FAILED
+    assert engine.scheduler.kv_cached == engine.worker.kv_used <= computed  # only what the stopped one left
+
+
+def test_without_prefix_caching_nothing_is_kept(mock_dir):
+    engine = mock_engine(mock_dir, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
+    for _ in range(2):
+        engine.add_request("the same prompt", params)
+        run_checked(engine)
+        assert engine.worker.kv_used == engine.scheduler.kv_cached == 0
+    assert engine.stats().prefix_cache_hits == 0
 
 
 def test_chat_applies_the_template(mock_dir):
@@ -404,6 +488,24 @@ def test_real_alone_equals_batched_and_preempted(real_llm, default_model):
     run_checked(small)
     assert small.stats().num_preemptions > 0
     assert [r.take_output(delta=False).outputs[0].text for r in requests] == [a.text for a in alone]
+
+
+@pytest.mark.slow
+def test_real_multi_turn_chat_with_and_without_the_prefix_cache(real_llm, default_model):
+    """A chat's second turn reuses the first turn's cells and gives the same tokens as computing it all."""
+    params = SamplingParams(max_tokens=32, **GREEDY)
+    chat = [{"role": "user", "content": REAL_PROMPTS[0]}]
+    plain = LLM(str(default_model), n_ctx=2048, max_num_seqs=2, enable_prefix_caching=False)
+    outs = []
+    for llm in (real_llm, plain):
+        first = llm.chat(chat, params, use_tqdm=False)[0].outputs[0]
+        turn = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Shorter, please."}]
+        hits = llm.engine.stats().prefix_cache_hits
+        outs.append((first.token_ids, llm.chat(turn, params, use_tqdm=False)[0].outputs[0].token_ids))
+        if llm is real_llm:
+            assert llm.engine.stats().prefix_cache_hits - hits > len(llm.engine.tokenize(llm.engine.chat_prompt(
+                chat))[1])  # the whole first prompt and most of the reply
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.slow

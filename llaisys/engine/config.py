@@ -18,6 +18,8 @@ class EngineArgs:
                             (the async engine's bound); None = no bound.
     n_threads:              core worker threads; 0 = all cores.
     kv_dtype, weight_dtype: see llaisys.models.RuntimeOptions.
+    enable_prefix_caching:  keep finished sequences' cells for later requests that start with the
+                            same tokens (see prefix_cache.py).
     """
 
     model: Optional[str] = None
@@ -29,6 +31,7 @@ class EngineArgs:
     n_threads: int = 0
     kv_dtype: str = "f32"
     weight_dtype: Optional[str] = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "n_ctx"):

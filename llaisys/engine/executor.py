@@ -28,6 +28,8 @@ class Executor:
     def execute(self, plan: Plan) -> set[Request]:
         """Run one step; returns the requests that changed (new tokens, finished or failed)."""
         self.worker.free(plan.freed_seq_ids)
+        for seq, n_tokens in plan.truncated:
+            self.worker.truncate(seq, n_tokens)
         touched = set(plan.failed)
         if not plan.chunks:
             return touched

@@ -35,7 +35,8 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    kv_used_cells: int
+    kv_used_cells: int  # held by running requests
+    kv_cached_cells: int  # held by the prefix cache, free for the taking
     kv_capacity: int
     num_preemptions: int
     prompt_tokens_total: int
@@ -45,6 +46,8 @@ class EngineStats:
     step_seconds_total: float
     finished_by_reason: dict[str, int]  # per completion: "stop", "length", "abort"
     requests_failed: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens whose cells were reused
 
     @property
     def kv_usage(self) -> float:
@@ -57,12 +60,13 @@ class LLMEngine:
         self.args = args
         self.worker = Worker(adapter)
         self.executor = Executor(self.worker)
-        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.worker.kv_capacity)
+        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.worker.kv_capacity,
+                                   args.enable_prefix_caching)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
         self.eos_ids = frozenset(adapter.eos_token_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._ids = itertools.count()
-        self._prompt_tokens = self._generation_tokens = self._steps = self._failed = 0
+        self._generation_tokens = self._steps = self._failed = 0
         self._last_step = self._step_total = 0.0
         self._finished = {"stop": 0, "length": 0, "abort": 0}
 
@@ -108,7 +112,8 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        self.executor.free(self.scheduler.remove(request))
+        # A cancelled request's cells stay in the prefix cache: a chat stopped mid-reply goes on from there.
+        self.executor.free(self.scheduler.remove(request, retain=error is None))
         if error is None:
             request.end(RequestState.CANCELLED, "abort")
         else:
@@ -124,9 +129,6 @@ class LLMEngine:
         """Run one step; returns an increment for every request that changed."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
-        # Prompt tokens computed for the first time (recomputation after a preemption is not counted).
-        self._prompt_tokens += sum(ch.length for ch in plan.chunks if ch.start < ch.completion.request.num_prompt_tokens
-                                   and ch.completion.request.metrics.num_preemptions == 0)
         try:
             touched = self.executor.execute(plan)
         except KVCacheFullError as e:
@@ -150,9 +152,10 @@ class LLMEngine:
 
     def _collect(self, request: Request) -> RequestOutput:
         """Free the cells of what finished in this step and take the request's increment."""
+        retain = request.state is not RequestState.FAILED
         for c in request.completions:
             if c.finished and c.seq_id is not None:
-                self.executor.free([self.scheduler.release(c)])
+                self.executor.free([seq for seq in [self.scheduler.release(c, retain)] if seq is not None])
         self._generation_tokens += sum(len(c.new_ids) for c in request.completions)
         if request.state is RequestState.RUNNING and not request.live:
             request.end(RequestState.FINISHED, "stop")
@@ -167,11 +170,16 @@ class LLMEngine:
             self._finished[c.finish_reason] += 1
         self._failed += request.state is RequestState.FAILED
 
+    def reset_prefix_cache(self) -> None:
+        """Free every cell the prefix cache holds."""
+        self.executor.free(self.scheduler.evict_all())
+
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.kv_used,
-                           self.scheduler.kv_capacity, self.scheduler.num_preemptions, self._prompt_tokens,
-                           self._generation_tokens, self._steps, self._last_step, self._step_total,
-                           dict(self._finished), self._failed)
+        s, cache = self.scheduler, self.scheduler.cache
+        return EngineStats(len(s.running), len(s.waiting), s.kv_used, s.kv_cached, s.kv_capacity, s.num_preemptions,
+                           s.prompt_tokens_total, self._generation_tokens, self._steps, self._last_step,
+                           self._step_total, dict(self._finished), self._failed,
+                           cache.queries if cache is not None else 0, cache.hits if cache is not None else 0)
 
     # prompts
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:

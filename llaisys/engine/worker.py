@@ -45,6 +45,10 @@ class Worker:
         for seq in seq_ids:
             self.model.kv_seq_rm(seq)
 
+    def truncate(self, seq: int, n_tokens: int) -> None:
+        """Drop the sequence's cells from position n_tokens on."""
+        self.model.kv_seq_rm(seq, n_tokens, -1)
+
     def share_prefix(self, src: int, dst: int, n_tokens: int) -> None:
         """Let sequence dst use src's cells for positions [0, n_tokens) (no copy: the cells are shared)."""
         self.model.kv_seq_cp(src, dst, 0, n_tokens)
