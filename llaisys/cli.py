@@ -62,7 +62,8 @@ def cmd_serve(args) -> int:
         model=args.model, served_model_name=args.served_model_name, api_key=args.api_key,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, n_ctx=args.ctx,
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, n_threads=args.threads,
-        kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout)
+        kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout,
+        enable_prefix_caching=False if args.no_prefix_caching else None)
     if config.model is not None and not (Path(config.model) / "config.json").is_file():
         raise ValueError(f"{config.model} is not a model directory (no config.json)")
     hyper = Config()
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=None, help="worker threads (0 = all cores)")
     srv.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default=None)
     srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None)
+    srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -200,6 +200,22 @@ async def test_the_models_generation_config_fills_fields_the_request_leaves_open
         assert longer["usage"]["completion_tokens"] == 7
 
 
+async def test_a_chats_next_turn_reuses_the_cells_of_the_last(server, mock_dir):
+    chat = [{"role": "user", "content": "Tell me about caches " * 8}]
+    _, tokens = await call(server, "POST", "/tokenize", {"messages": chat})
+    _, first = await call(server, "POST", CHAT, {"messages": chat, "max_tokens": 8, "temperature": 0})
+    hits = metric(server, "llaisys:prefix_cache_hits_total")
+    chat += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+             {"role": "user", "content": "And then?"}]
+    status, second = await call(server, "POST", CHAT, {"messages": chat, "max_tokens": 8, "temperature": 0})
+    assert status == 200 and metric(server, "llaisys:prefix_cache_hits_total") - hits >= tokens["count"]
+    with mock_server(mock_dir, LLAISYS_PREFIX_CACHING="off") as plain:
+        for body in ({"messages": chat[:1]}, {"messages": chat}):
+            status, reply = await call(plain, "POST", CHAT, {**body, "max_tokens": 8, "temperature": 0})
+            assert reply["choices"] == (first if len(body["messages"]) == 1 else second)["choices"]
+        assert metric(plain, "llaisys:prefix_cache_hits_total") == 0
+
+
 # errors: status, OpenAI's error shape, the field named; the server stays up and leaks nothing
 BAD_CHAT = [
     ("messages missing", {"model": "mock"}, "messages"),

@@ -4,12 +4,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from ..engine import EngineArgs
 
-# Environment variable -> (field, type). `llaisys serve` sets the same fields from its flags.
-ENV_VARS: dict[str, tuple[str, type]] = {
+
+
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(raw)
+    return value in ("1", "true", "yes", "on")
+
+
+# Environment variable -> (field, parser). `llaisys serve` sets the same fields from its flags.
+ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LLAISYS_MODEL": ("model", str),
     "LLAISYS_SERVED_MODEL_NAME": ("served_model_name", str),
     "LLAISYS_API_KEY": ("api_key", str),
@@ -22,7 +31,9 @@ ENV_VARS: dict[str, tuple[str, type]] = {
     "LLAISYS_KV_DTYPE": ("kv_dtype", str),
     "LLAISYS_WEIGHT_DTYPE": ("weight_dtype", str),
     "LLAISYS_REQUEST_TIMEOUT": ("request_timeout", float),
+    "LLAISYS_PREFIX_CACHING": ("enable_prefix_caching", _flag),
 }
+KINDS = {int: "an integer", float: "a number", _flag: "1/0, true/false, yes/no or on/off"}
 
 
 @dataclasses.dataclass
@@ -32,6 +43,7 @@ class ServerConfig:
     api_key:           when set, every /v1/* request needs `Authorization: Bearer <key>`
                        (a comma-separated list allows several keys).
     request_timeout:   seconds a request may run before it is aborted; 0 = no limit.
+    enable_prefix_caching: keep finished conversations' KV cells for the next turn (see the engine).
     The rest are the engine's limits (see EngineArgs).
     """
 
@@ -47,6 +59,7 @@ class ServerConfig:
     kv_dtype: str = "f32"
     weight_dtype: Optional[str] = None
     request_timeout: float = 600.0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.request_timeout < 0:
@@ -63,7 +76,7 @@ class ServerConfig:
                 try:
                     values[field] = kind(raw)
                 except ValueError:
-                    raise ValueError(f"{var} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
+                    raise ValueError(f"{var} must be {KINDS[kind]}, got {raw!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -75,4 +88,5 @@ class ServerConfig:
         return EngineArgs(model=str(model or self.model) if (model or self.model) else None,
                           max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                           n_ctx=self.n_ctx, max_model_len=self.max_model_len, max_waiting=self.max_waiting,
-                          n_threads=self.n_threads, kv_dtype=self.kv_dtype, weight_dtype=self.weight_dtype)
+                          n_threads=self.n_threads, kv_dtype=self.kv_dtype, weight_dtype=self.weight_dtype,
+                          enable_prefix_caching=self.enable_prefix_caching)

@@ -46,8 +46,13 @@ class EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cells in use (1 = full).", s.kv_usage)
         yield gauge("kv_cache_used_cells", "KV cells in use.", s.kv_used_cells)
+        yield gauge("kv_cache_cached_cells", "KV cells held by the prefix cache (free for the taking).",
+                    s.kv_cached_cells)
         yield gauge("kv_cache_capacity_cells", "KV cells in all.", s.kv_capacity)
-        yield counter("prompt_tokens", "Prompt tokens computed (recomputation excluded).", s.prompt_tokens_total)
+        yield counter("prompt_tokens", "Prompt tokens of scheduled requests (cached ones included).",
+                      s.prompt_tokens_total)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield counter("num_preemptions", "Requests preempted for KV room and recomputed.", s.num_preemptions)
         yield counter("engine_steps", "Engine steps run.", s.num_steps)
