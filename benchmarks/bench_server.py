@@ -7,7 +7,9 @@ successive content chunks (ITL), the generated tokens from the final usage chunk
 (HTTP status other than 200, error events, streams that break before `data: [DONE]`, timeouts).
 The requests come from a seeded generator, one sequence per client: chat-like prompts of one
 sentence to a paragraph, max_tokens 64..256, no ignore_eos (replies may end early; tokens are
-counted from usage, so that is fair to both servers).
+counted from usage, so that is fair to both servers). With --turns K each client holds
+conversations of K turns, resending the whole history with the replies it got, as a chat page
+does (this is where a prompt cache pays).
 
 Timing: clients start together; the first --warmup seconds are not counted (the server fills up
 and the clients drift apart); then a window of --duration seconds is measured; at its end no new
@@ -26,7 +28,7 @@ and stops. The two servers alternate per N (and per round, with --rounds; the be
 each is kept), and a ratio table llaisys/peer is printed.
 
     python benchmarks/bench_server.py [--model DIR | --url URL] [--clients 1 8 32] [--duration 60]
-        [--warmup 20] [--seed 0] [--rounds 1] [--peer-cmd "..." | --peer-url URL]
+        [--warmup 20] [--seed 0] [--rounds 1] [--turns 1] [--peer-cmd "..." | --peer-url URL]
 
 The peer is llama.cpp's llama-server, built CPU-only from the llama.cpp source vendored in the
 llama-cpp-python 0.3.36 sdist (ggml 0.25.3), outside the repository:
@@ -47,12 +49,14 @@ the converted model, i.e. the very weights llaisys multiplies:
 (the converter imports sentencepiece before it finds there is no tokenizer.model; without the
 package, an empty stub module named sentencepiece on PYTHONPATH is enough). The peer runs with
 llaisys's server limits: 32 slots sharing one 16384-cell KV cache, steps of at most 512 tokens,
-2 threads, and no prompt cache (llaisys has none, so both prefill every prompt in full; drop
---no-cache-prompt to let llama-server reuse the common chat-template prefix):
+2 threads, and its prompt cache on (its default, as llaisys's prefix cache is):
 
     python benchmarks/bench_server.py --peer-name llama.cpp --peer-cmd "/tmp/peer/build/bin/llama-server \\
         -m /tmp/peer/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --host 127.0.0.1 --port {port} \\
-        -c 16384 -np 32 --kv-unified -b 512 -ub 512 -t 2 -tb 2 --no-cache-prompt --no-webui"
+        -c 16384 -np 32 --kv-unified -b 512 -ub 512 -t 2 -tb 2 --no-webui"
+
+A second llaisys without its prefix cache is a peer too:
+--peer-name llaisys-no-cache --peer-cmd "llaisys serve --port {port} --no-prefix-caching".
 
 and the same with -m /tmp/peer/qwen2.5-coder-0.5b-instruct-bf16.gguf. The chat template is applied
 by each server itself (llama-server uses the GGUF's copy of the same template).
@@ -143,6 +147,8 @@ class Record:
     end: float = 0.0
     chunks: list[float] = dataclasses.field(default_factory=list)  # arrivals of content-bearing chunks
     tokens: int = 0  # completion_tokens of the usage chunk
+    prompt_tokens: int = 0  # prompt_tokens of the usage chunk
+    text: str = ""  # the reply (for the next turn of a conversation)
     error: str | None = None
 
 
@@ -217,10 +223,13 @@ async def exchange(server: Server, request: bytes, rec: Record) -> None:
                 rec.error = "error event"
                 log.warning("%s: error event: %s", server.name, str(event["error"])[:300])
                 return
-            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or []):
+            piece = "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices") or [])
+            if piece:
                 rec.chunks.append(time.perf_counter())
+                rec.text += piece
             if event.get("usage"):
                 rec.tokens = event["usage"]["completion_tokens"]
+                rec.prompt_tokens = event["usage"]["prompt_tokens"]
         if not done:
             rec.error = "broken stream"
         elif not rec.tokens and rec.chunks:
@@ -250,19 +259,28 @@ async def body_lines(reader: asyncio.StreamReader, chunked: bool):
 
 
 async def load(server: Server, clients: int, warmup: float, duration: float, seed: int, temperature: float,
-               timeout: float) -> tuple[list[Record], float, float]:
-    """Run `clients` looping clients; returns all records and the measured window (start, end)."""
+               timeout: float, turns: int = 1) -> tuple[list[Record], float, float]:
+    """Run `clients` looping clients; returns all records and the measured window (start, end).
+
+    turns > 1: each client holds conversations of that many turns, resending the whole history
+    (with the replies it got) each turn, as a chat page does; then it starts a new one.
+    """
     start = time.perf_counter()
     window = (start + warmup, start + warmup + duration)
     records: list[Record] = []
 
     async def client(c: int) -> None:
+        history: list[dict[str, str]] = []
         for spec in request_specs(seed, c):
             if time.perf_counter() >= window[1]:
                 return
-            records.append(await one_request(server, spec, temperature, timeout))
-            if records[-1].error is not None:
+            spec.messages = history + spec.messages
+            records.append(rec := await one_request(server, spec, temperature, timeout))
+            if rec.error is not None:
                 await asyncio.sleep(0.1)  # no hot loop against a server that refuses everything
+            done_turns = len(spec.messages) // 2 + 1
+            history = [] if rec.error or done_turns >= turns else spec.messages + [
+                {"role": "assistant", "content": rec.text}]
 
     async def progress() -> None:
         while True:
@@ -290,6 +308,7 @@ class Result:
     requests_per_s: float
     tokens_per_s: float
     tokens_per_request: float
+    prompt_tokens_per_request: float
     ttft: np.ndarray  # seconds
     itl: np.ndarray
     tpot: np.ndarray
@@ -313,6 +332,7 @@ def summarize(server: str, clients: int, records: list[Record], t0: float, t1: f
         server, clients, len(completed), sum(r.start < t1 <= r.end for r in records), errors,
         len(completed) / (t1 - t0), tokens / (t1 - t0),
         float(np.mean([r.tokens for r in completed])) if completed else float("nan"),
+        float(np.mean([r.prompt_tokens for r in completed])) if completed else float("nan"),
         np.array([r.chunks[0] - r.start for r in records if r.chunks and inside(r.chunks[0])]),
         np.array([b - a for r in records for a, b in zip(r.chunks, r.chunks[1:]) if inside(b)]),
         np.array([(r.chunks[-1] - r.chunks[0]) / (r.tokens - 1) for r in completed
@@ -366,13 +386,15 @@ def num(value: float, width: int, digits: int = 1, suffix: str = "") -> str:
 def print_results(results: list[Result], args) -> None:
     w = max(len("server"), *(len(r.server) for r in results))
     print(f"\n{args.duration:g} s measured after {args.warmup:g} s of warmup, temperature {args.temperature:g}, "
-          f"seed {args.seed}, best tokens/s of {args.rounds} round(s); times in ms")
+          f"seed {args.seed}, {args.turns} turn(s) per conversation, best tokens/s of {args.rounds} round(s); "
+          f"times in ms, prompt = mean prompt tokens")
     print(f"{'server':<{w}} {'N':>3} {'done':>5} {'drained':>7} {'req/s':>6} {'tok/s':>7} {'tok/req':>7} "
-          f"{'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'TPOT p50':>9} errors")
+          f"{'prompt':>6} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'TPOT p50':>9} errors")
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         print(f"{r.server:<{w}} {r.clients:3d} {r.completed:5d} {r.drained:7d} {num(r.requests_per_s, 6, 2)} "
-              f"{num(r.tokens_per_s, 7)} {num(r.tokens_per_request, 7)} {num(pct(r.ttft, 50), 9)} "
+              f"{num(r.tokens_per_s, 7)} {num(r.tokens_per_request, 7)} {num(r.prompt_tokens_per_request, 6, 0)} "
+              f"{num(pct(r.ttft, 50), 9)} "
               f"{num(pct(r.ttft, 99), 7)} {num(pct(r.itl, 50), 8)} {num(pct(r.itl, 99), 7)} "
               f"{num(pct(r.tpot, 50), 9)} {errors}")
 
@@ -404,6 +426,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded sampling with top_p 0.95")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best tokens/s is kept")
+    parser.add_argument("--turns", type=int, default=1, help="turns per conversation: > 1 resends the growing "
+                        "history each turn, like a chat page")
     peer = parser.add_mutually_exclusive_group()
     peer.add_argument("--peer-cmd", default=None, help="command line starting the peer's server, with {port}")
     peer.add_argument("--peer-url", default=None, help="an already running peer server")
@@ -425,7 +449,7 @@ def main() -> None:
                 for s in order:
                     log.info("round %d/%d: %s with %d client(s) ...", r + 1, args.rounds, s.name, n)
                     records, t0, t1 = asyncio.run(load(s, n, args.warmup, args.duration, args.seed,
-                                                       args.temperature, args.timeout))
+                                                       args.temperature, args.timeout, args.turns))
                     res = summarize(s.name, n, records, t0, t1)
                     log.info("round %d/%d: %s N=%d: %.1f tok/s, %.2f req/s, %d errors", r + 1, args.rounds, s.name,
                              n, res.tokens_per_s, res.requests_per_s, sum(res.errors.values()))
