@@ -55,11 +55,10 @@ llaisys's server limits: 32 slots sharing one 16384-cell KV cache, steps of at m
         -m /tmp/peer/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --host 127.0.0.1 --port {port} \\
         -c 16384 -np 32 --kv-unified -b 512 -ub 512 -t 2 -tb 2 --no-webui"
 
-A second llaisys without its prefix cache is a peer too:
---peer-name llaisys-no-cache --peer-cmd "llaisys serve --port {port} --no-prefix-caching".
-
 and the same with -m /tmp/peer/qwen2.5-coder-0.5b-instruct-bf16.gguf. The chat template is applied
-by each server itself (llama-server uses the GGUF's copy of the same template).
+by each server itself (llama-server uses the GGUF's copy of the same template). A second llaisys
+without its prefix cache is a peer too:
+--peer-name llaisys-no-cache --peer-cmd "llaisys serve --port {port} --no-prefix-caching".
 """
 from __future__ import annotations
 
