@@ -768,15 +768,7 @@
   });
   ui.prompt.addEventListener("input", autosize);
   ui.stop.addEventListener("click", stop);
-  ui.newChat.addEventListener("click", function () {
-    state.currentId = null;
-    state.editing = null;
-    state.banner = null;
-    saveConversations();
-    closeSidebar();
-    renderAll();
-    ui.prompt.focus();
-  });
+  ui.newChat.addEventListener("click", function () { selectConversation(null); });
   ui.sidebarToggle.addEventListener("click", function () {
     if (ui.app.classList.contains("sidebar-open")) closeSidebar(); else openSidebar();
   });
