@@ -49,7 +49,6 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # no Expires: the page's files are revalidated by ETag
-    app.config["LLAISYS_SERVICE"] = service
 
     @app.before_serving
     async def start_model() -> None:
