@@ -77,7 +77,8 @@ def cmd_serve(args) -> int:
 
 
 async def _serve_until_signalled(serve, app, hyper) -> None:
-    """Run hypercorn until SIGINT or SIGTERM, then shut down cleanly (requests aborted, model freed)."""
+    """Run hypercorn until SIGINT or SIGTERM, then shut down cleanly: every request ends first (a
+    stream with a 'shutting down' error event and [DONE]), then the connections close."""
     import asyncio
     import signal
 
@@ -85,7 +86,13 @@ async def _serve_until_signalled(serve, app, hyper) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await serve(app, hyper, shutdown_trigger=stop.wait)
+
+    async def end_requests_then_shut_down() -> None:
+        await stop.wait()
+        log.info("shutting down: ending every request")
+        await app.extensions["llaisys"].stop()
+
+    await serve(app, hyper, shutdown_trigger=end_requests_then_shut_down)
 
 
 def build_parser() -> argparse.ArgumentParser:

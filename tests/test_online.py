@@ -433,6 +433,31 @@ def test_health_says_503_with_the_reason_when_the_model_fails_to_load(tmp_path):
         stop_server(proc)
 
 
+async def test_llaisys_serve_ends_every_stream_cleanly_on_sigterm(mock_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from server_process import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "llaisys.cli", "serve", "--model", str(mock_dir), "--port",
+                             str(port), "--served-model-name", "mock"], stdin=subprocess.DEVNULL)
+    try:
+        poll_health(proc, url)
+        conn = await Connection.open(url, "POST", CHAT, chat_body(max_tokens=CTX - 100, ignore_eos=True, stream=True))
+        events = conn.events()
+        for _ in range(3):
+            await events.__anext__()
+        proc.send_signal(signal.SIGTERM)
+        rest = [e async for e in events]
+        assert rest[-1] == "[DONE]" and rest[-2]["error"]["code"] == "shutting_down"
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        stop_server(proc)
+
+
 def test_real_health_answers_503_until_the_model_is_loaded(default_model):
     proc, url = start_server(default_model)
     try:

@@ -49,6 +49,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # no Expires: the page's files are revalidated by ETag
+    app.extensions["llaisys"] = service  # for a host that ends requests before its connections (llaisys serve)
 
     @app.before_serving
     async def start_model() -> None:

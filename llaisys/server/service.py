@@ -21,6 +21,7 @@ class ModelService:
         self.model_name = config.served_model_name or _model_name(config.model)
         self.engine: Optional[AsyncLLM] = None  # set while ready
         self.load_error: Optional[str] = None
+        self.stopping = False
         self.defaults: dict = {}  # the model's generation-config sampling defaults
         self._stop = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
@@ -31,15 +32,19 @@ class ModelService:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llaisys model service")
 
     async def stop(self) -> None:
+        """End every request (their streams close with a 'shutting down' error) and free the model."""
+        self.stopping = True
         self._stop.set()
         if self._task is not None:
             await self._task
             self._task = None
 
     def ready(self) -> AsyncLLM:
-        """The running engine, or APIError 503 while loading (or when loading failed)."""
+        """The running engine, or APIError 503 while loading, when loading failed, or when shutting down."""
         if self.engine is not None:
             return self.engine
+        if self.stopping:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
         raise APIError(503, "the model is loading; try again shortly", code="model_loading")
