@@ -372,6 +372,23 @@ def test_a_prompt_that_extends_a_finished_one_computes_only_the_new_tokens(mock_
     assert engine.stats().prefix_cache_hits == len(history) - 1 + len(follow_up) - 1
 
 
+def test_a_request_sharing_only_a_short_prefix_leaves_the_cached_sequence_alone(mock_dir):
+    engine = mock_engine(mock_dir, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
+    system = list(b"You are helpful. ")  # 17 tokens both chats start with
+    alice = engine.add_request(system + list(b"Alice asks a long question about caches"), params)
+    run_checked(engine)
+    cached = engine.scheduler.kv_cached
+    bob = engine.add_request(system + list(b"Bob asks something else entirely, at length"), params)
+    run_checked(engine)
+    assert engine.stats().prefix_cache_hits == 0  # 17 of 60 tokens: not worth cutting Alice's chat
+    assert bob.completions[0].output_ids == mock_greedy(bob.prompt_ids, 10, VOCAB, keep_eos=True)
+    history = alice.prompt_ids + alice.completions[0].output_ids
+    engine.add_request(history + list(b" more"), params)
+    run_checked(engine)
+    assert engine.stats().prefix_cache_hits == cached  # Alice's next turn finds her whole chat
+
+
 def test_cached_sequences_give_way_to_new_requests(mock_dir):
     # Two sequence slots and 110 cells (two requests need 100): the cache fills both slots, newcomers still get in.
     engine = mock_engine(mock_dir, max_num_seqs=2, n_ctx=110, max_num_batched_tokens=32)

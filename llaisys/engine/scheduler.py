@@ -217,13 +217,18 @@ class Scheduler:
 
     def _cached_prefix(self, request: Request) -> tuple[CachedSequence | None, int]:
         """The cached sequence a waiting request can take over and how many of its tokens it covers
-        (at most all but the last, whose logits are needed)."""
+        (at most all but the last, whose logits are needed).
+
+        Taking a sequence over cuts what follows the common prefix, so it is done only when the
+        prefix is at least half of the request (llama.cpp's slot-similarity rule): a new chat that
+        shares just a system prompt with a cached one computes its own and leaves the other intact.
+        """
         if self.cache is None or not self.cache.num_entries or request.params.n != 1:
             return None, 0
         c = request.leader
         entry, match = self.cache.longest_match(c.tokens(0, c.num_tokens))
         reused = min(match, c.num_tokens - 1)
-        return (entry, reused) if reused > 0 else (None, 0)
+        return (entry, reused) if reused > 0 and 2 * match >= c.num_tokens else (None, 0)
 
     def preempt_newest(self) -> list[int]:
         """Preempt the most recently admitted request now; returns the sequences whose cells must be freed."""
