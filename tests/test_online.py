@@ -179,9 +179,14 @@ async def test_metrics_count_tokens_and_latencies(server):
     assert after["e2e_request_latency_seconds_count"] - before["e2e_request_latency_seconds_count"] == 1
     assert after["inter_token_latency_seconds_count"] - before["inter_token_latency_seconds_count"] == 9
     assert after["request_success_total"] - before["request_success_total"] == 1
-    for name in ("llaisys:num_requests_running", "llaisys:num_requests_waiting", "llaisys:kv_cache_usage_perc",
-                 'llaisys:request_success_total{finished_reason="length"'):
-        metric(server, name.split("{")[0])
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_cache_cached_cells",
+                 "request_queue_time_seconds_count", "request_prompt_tokens_count", "request_failure_total"):
+        metric(server, f"llaisys:{name}")
+    answered = 'llaisys:http_requests_total{method="POST",route="/v1/chat/completions",status="%d"}'
+    await call(server, "POST", CHAT, {"messages": []})  # the 400 series exists from its first answer on
+    counts = [metric(server, answered % status) for status in (200, 400)]
+    await call(server, "POST", CHAT, {"messages": []})
+    assert [metric(server, answered % status) for status in (200, 400)] == [counts[0], counts[1] + 1]
 
 
 async def test_the_models_generation_config_fills_fields_the_request_leaves_open(tmp_path):

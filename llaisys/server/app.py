@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -28,6 +29,7 @@ from .responses import ResponseBuilder, usage
 from .service import ModelService
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("llaisys.server.requests")  # one line per engine request
 
 # The page loads and talks only to its own origin, and no other site may frame it.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; "
@@ -71,6 +73,12 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
                 "the API key is not valid"
             return error_response(APIError(401, message, code="invalid_api_key"))
         return None
+
+    @app.after_request
+    async def count_response(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests.labels(request.method, route, str(response.status_code)).inc()
+        return response
 
     @app.errorhandler(APIError)
     async def api_error(e: APIError) -> Response:
@@ -211,6 +219,7 @@ async def watched(streams: list[RequestStream], timeout: float, metrics: ServerM
     deadline = loop.time() + timeout if timeout else None
     timers = [RequestTimer(metrics) for _ in streams]
     pending = {asyncio.ensure_future(s.__anext__()): i for i, s in enumerate(streams)}
+    outcome = "abandoned by the client"
     try:
         while pending:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
@@ -232,11 +241,19 @@ async def watched(streams: list[RequestStream], timeout: float, metrics: ServerM
                                    code="shutting_down")
                 pending[asyncio.ensure_future(streams[i].__anext__())] = i
                 yield i, delta
+        outcome = "finished"
+    except APIError as e:
+        outcome = f"ended with {e.status} ({e.code})"
+        raise
     finally:
         for task in pending:
             task.cancel()
         for s in streams:
             await s.aclose()
+            out = s.output()
+            request_log.info("request %s %s: %d prompt + %d generated tokens in %.2f s", s.request_id, outcome,
+                             len(out.prompt_token_ids), out.metrics.num_generated_tokens,
+                             time.time() - out.metrics.arrival_time)
 
 
 def _static_view(folder: Path, name: str):
