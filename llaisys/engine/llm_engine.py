@@ -154,8 +154,8 @@ class LLMEngine:
         """Free the cells of what finished in this step and take the request's increment."""
         retain = request.state is not RequestState.FAILED
         for c in request.completions:
-            if c.finished and c.seq_id is not None:
-                self.executor.free([seq for seq in [self.scheduler.release(c, retain)] if seq is not None])
+            if c.finished and (seq := self.scheduler.release(c, retain)) is not None:
+                self.executor.free([seq])
         self._generation_tokens += sum(len(c.new_ids) for c in request.completions)
         if request.state is RequestState.RUNNING and not request.live:
             request.end(RequestState.FINISHED, "stop")
