@@ -254,6 +254,7 @@ BAD_CHAT = [
     ("model not a string", chat_body(model=3), "model"),
     ("prompt longer than the context", chat_body("x" * (CTX + 10)), "messages"),
     ("prompt plus max_tokens beyond the context", chat_body("x" * (CTX - 100), max_tokens=500), "max_tokens"),
+    ("prompt too many characters to tokenize", chat_body("x" * (256 * CTX + 1)), "messages"),
 ]
 BAD_COMPLETIONS = [
     ("prompt missing", {"max_tokens": 3}, "prompt"),

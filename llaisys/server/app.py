@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
+import anyio
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response, request, send_from_directory
@@ -31,6 +32,10 @@ from .service import ModelService
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("llaisys.server.requests")  # one line per engine request
 
+# Twice the longest Qwen2 token (128 characters): a prompt longer than this many characters per
+# context token cannot fit, and is refused without spending seconds tokenizing it.
+MAX_CHARS_PER_TOKEN = 256
+
 # The page loads and talks only to its own origin, and no other site may frame it.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; "
                "frame-ancestors 'none'")
@@ -48,6 +53,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     service = ModelService(config)
     metrics = ServerMetrics(service.model_name, lambda: service.engine.stats() if service.engine else None)
     static = webui_dir()
+    tokenizing = anyio.CapacityLimiter(1)  # prompts are tokenized off the event loop, one at a time
     app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # no Expires: the page's files are revalidated by ETag
@@ -138,7 +144,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             text = field(body, "prompt", str)
             if not text:
                 raise bad_request("'prompt' (a non-empty string) or 'messages' is required", param="prompt")
-        _, ids = engine.engine.tokenize(text)
+        _, ids = await tokenized(engine, text, "prompt")
         return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -153,7 +159,14 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
 
     async def generate(engine: AsyncLLM, gen: GenerationRequest, chat: bool):
         builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs)
-        streams = submit(engine, gen, builder.id, "messages" if chat else "prompt")
+        prompt_param = "messages" if chat else "prompt"
+        if gen.params.n > engine.engine.args.max_num_seqs:
+            raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.engine.args.max_num_seqs} sequences this "
+                              f"server runs at once", param="n")
+        prompts = [await tokenized(engine, p, prompt_param) for p in gen.prompts]
+        for _, ids in prompts:
+            check_length(len(ids), gen.params.max_tokens, engine.engine.max_model_len, prompt_param)
+        streams = submit(engine, gen, prompts, builder.id)
         if gen.stream:
             return Response(sse_events(gen, builder, streams), content_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -161,16 +174,25 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             pass
         return builder.response([s.output() for s in streams])
 
-    def submit(engine: AsyncLLM, gen: GenerationRequest, call_id: str, prompt_param: str) -> list[RequestStream]:
-        """One engine request per prompt; all or none (a refused one cancels those already submitted)."""
-        streams: list[RequestStream] = []
-        if gen.params.n > engine.engine.args.max_num_seqs:
-            raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.engine.args.max_num_seqs} sequences this "
-                              f"server runs at once", param="n")
+    async def tokenized(engine: AsyncLLM, prompt, param: str) -> tuple[Optional[str], list[int]]:
+        """A prompt's text and ids, tokenized in a worker thread (one at a time) so that a long prompt
+        never stalls the event loop and the streams it serves."""
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        limit = MAX_CHARS_PER_TOKEN * engine.engine.max_model_len
+        if isinstance(text, str) and len(text) > limit:
+            raise bad_request(f"the prompt has {len(text)} characters, more than the {engine.engine.max_model_len}-"
+                              f"token context could hold ({limit})", param=param)
         try:
-            for i, prompt in enumerate(gen.prompts):
-                text, ids = engine.engine.tokenize(prompt)
-                check_length(len(ids), gen.params.max_tokens, engine.engine.max_model_len, prompt_param)
+            return await anyio.to_thread.run_sync(engine.engine.tokenize, prompt, limiter=tokenizing)
+        except ValueError as e:
+            raise bad_request(str(e), param=param)
+
+    def submit(engine: AsyncLLM, gen: GenerationRequest, prompts: list[tuple[Optional[str], list[int]]],
+               call_id: str) -> list[RequestStream]:
+        """One engine request per tokenized prompt; all or none (a refused one cancels those already submitted)."""
+        streams: list[RequestStream] = []
+        try:
+            for i, (text, ids) in enumerate(prompts):
                 streams.append(engine.stream({"prompt": text, "prompt_token_ids": ids}, gen.params,
                                              request_id=f"{call_id}-{i}"))
         except Exception as e:
@@ -180,8 +202,6 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
                 raise APIError(429, str(e), code="queue_full")
             if isinstance(e, EngineClosedError):
                 raise APIError(503, "the server is shutting down", code="shutting_down")
-            if isinstance(e, ValueError):
-                raise bad_request(str(e), param=prompt_param)
             raise
         return streams
 
