@@ -17,12 +17,15 @@ class Connection:
 
     @classmethod
     async def open(cls, base_url: str, method: str, path: str, body: Any = None,
-                   headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None) -> "Connection":
+                   headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None,
+                   content_length: Optional[int] = None) -> "Connection":
+        """content_length: announce this body length instead of the real one (to test size limits)."""
         url = urlsplit(base_url)
         reader, writer = await asyncio.open_connection(url.hostname, url.port)
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         lines = [f"{method} {path} HTTP/1.1", f"Host: {url.netloc}", "Connection: close",
-                 f"Content-Length: {len(data)}", "Content-Type: application/json"]
+                 f"Content-Length: {len(data) if content_length is None else content_length}",
+                 "Content-Type: application/json"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
         await writer.drain()

@@ -5,6 +5,7 @@ Most tests serve the mock model (fast, deterministic); test_real_* serve the def
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -190,7 +191,6 @@ async def test_metrics_count_tokens_and_latencies(server):
 
 
 async def test_the_models_generation_config_fills_fields_the_request_leaves_open(tmp_path):
-    import json
 
     from llaisys.models.mock import write_mock_model
 
@@ -296,7 +296,12 @@ async def test_unknown_model_path_and_method(server):
     status, reply = await call(server, "GET", "/v1/nothing-here")
     assert status == 404 and "error" in reply
     status, reply = await call(server, "GET", CHAT)
-    assert status == 405 and "error" in reply
+    assert status == 405 and reply["error"]["type"] == "invalid_request_error"
+    conn = await Connection.open(server, "POST", COMPLETIONS, raw=b'{"prompt": "', content_length=17 << 20)
+    try:
+        assert conn.status == 413 and json.loads(await conn.body())["error"]["type"] == "invalid_request_error"
+    finally:
+        conn.close()
     status, reply = await call(server, "POST", "/detokenize", {"tokens": [1, 99999]})
     assert status == 400 and reply["error"]["param"] == "tokens"
 
@@ -309,7 +314,6 @@ async def test_errors_leave_the_server_serving_and_leak_nothing(server):
 
 def test_no_body_crashes_the_server_or_leaks_cells(server):
     """Random bodies mixing valid and invalid fields: always a 200 or a 4xx in OpenAI's shape, never a 500."""
-    import json
     import urllib.error
     import urllib.request
 

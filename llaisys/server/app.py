@@ -153,7 +153,8 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
         body = await json_body()
         check_model(body, service.model_name)
         try:
-            return {"prompt": engine.engine.detokenize(parse_token_ids(body))}
+            ids = parse_token_ids(body)
+            return {"prompt": await anyio.to_thread.run_sync(engine.engine.detokenize, ids, limiter=tokenizing)}
         except ValueError as e:
             raise bad_request(str(e), param="tokens")
 

@@ -17,7 +17,8 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
+        default = "invalid_request_error" if self.status < 500 else "server_error"  # 405, 413, ...
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, default),
                           "param": self.param, "code": self.code}}
 
 
