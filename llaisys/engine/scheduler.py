@@ -10,9 +10,10 @@ Continuous batching with a per-step token budget. Each step takes, in order:
    that starts like a sequence in the prefix cache takes that sequence over and skips the shared part.
 KV cells are counted here from the requests' own state (see Request.kv_cells) plus the prefix
 cache's, which together mirror the core's cell map exactly. Cached sequences give way (least
-recently used first) before anything running does. When the running completions cannot all grow by one token, the most
-recently admitted request is preempted: its cells are freed and it goes back to the front of the
-queue to be recomputed. A request that cannot fit even alone is failed, never retried forever.
+recently used first) before anything running does. When the running completions cannot all grow
+by one token, the most recently admitted request is preempted: its cells are freed and it goes
+back to the front of the queue to be recomputed. A request that cannot fit even alone is failed,
+never retried forever.
 """
 from __future__ import annotations
 

@@ -119,25 +119,26 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
         return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
                                             "owned_by": "llaisys", "max_model_len": engine.engine.max_model_len}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions():
+    async def model_call() -> tuple[AsyncLLM, dict[str, Any]]:
+        """The running engine and the checked JSON body of a call that names (or defaults) the model."""
         engine = service.ready()
         body = await json_body()
         check_model(body, service.model_name)
+        return engine, body
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions():
+        engine, body = await model_call()
         return await generate(engine, parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)), chat=True)
 
     @app.post("/v1/completions")
     async def completions():
-        engine = service.ready()
-        body = await json_body()
-        check_model(body, service.model_name)
+        engine, body = await model_call()
         return await generate(engine, parse_completion(body, service.defaults), chat=False)
 
     @app.post("/tokenize")
     async def tokenize():
-        engine = service.ready()
-        body = await json_body()
-        check_model(body, service.model_name)
+        engine, body = await model_call()
         if "messages" in body:
             text = parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)).prompts[0]["prompt"]
         else:
@@ -149,9 +150,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
 
     @app.post("/detokenize")
     async def detokenize():
-        engine = service.ready()
-        body = await json_body()
-        check_model(body, service.model_name)
+        engine, body = await model_call()
         try:
             ids = parse_token_ids(body)
             return {"prompt": await anyio.to_thread.run_sync(engine.engine.detokenize, ids, limiter=tokenizing)}

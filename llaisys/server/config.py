@@ -9,7 +9,6 @@ from typing import Callable, Mapping, Optional
 from ..engine import EngineArgs
 
 
-
 def _flag(raw: str) -> bool:
     value = raw.lower()
     if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -85,8 +84,7 @@ class ServerConfig:
         return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
 
     def engine_args(self, model: Optional[Path] = None) -> EngineArgs:
-        return EngineArgs(model=str(model or self.model) if (model or self.model) else None,
-                          max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                          n_ctx=self.n_ctx, max_model_len=self.max_model_len, max_waiting=self.max_waiting,
-                          n_threads=self.n_threads, kv_dtype=self.kv_dtype, weight_dtype=self.weight_dtype,
-                          enable_prefix_caching=self.enable_prefix_caching)
+        """The engine's arguments: every EngineArgs field has its namesake here."""
+        limits = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineArgs) if f.name != "model"}
+        model = model or self.model
+        return EngineArgs(model=str(model) if model else None, **limits)
