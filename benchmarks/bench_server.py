@@ -66,7 +66,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -82,6 +81,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.http_client import Connection
 from tests.server_process import free_port, get_json, poll_health, running_server, stop_server
 
 log = logging.getLogger("bench_server")
@@ -160,7 +160,7 @@ class Server:
         url = urllib.parse.urlsplit(self.base_url)
         if url.scheme != "http":
             raise SystemExit(f"{base_url}: only http:// URLs are supported")
-        self.host, self.port, self.prefix = url.hostname, url.port or 80, url.path
+        self.prefix = url.path
         try:
             status, body = get_json(f"{self.base_url}/v1/models")
         except OSError as e:
@@ -175,13 +175,9 @@ async def one_request(server: Server, spec: Spec, temperature: float, timeout: f
                "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
     if temperature > 0:
         payload.update(seed=spec.seed, top_p=0.95)
-    body = json.dumps(payload).encode()
-    head = (f"POST {server.prefix}/v1/chat/completions HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
-            f"Content-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode()
     rec = Record(time.perf_counter())
     try:
-        await asyncio.wait_for(exchange(server, head + body, rec), timeout)
+        await asyncio.wait_for(exchange(server, payload, rec), timeout)
     except asyncio.TimeoutError:
         rec.error = "timeout"
     except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as e:
@@ -191,33 +187,19 @@ async def one_request(server: Server, spec: Spec, temperature: float, timeout: f
     return rec
 
 
-async def exchange(server: Server, request: bytes, rec: Record) -> None:
+async def exchange(server: Server, payload: dict, rec: Record) -> None:
     """Send one request and read its SSE answer into rec."""
-    reader, writer = await asyncio.open_connection(server.host, server.port)
+    conn = await Connection.open(server.base_url, "POST", f"{server.prefix}/v1/chat/completions", payload)
     try:
-        writer.write(request)
-        await writer.drain()
-        status_line = await reader.readline()
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            key, _, value = line.decode("latin-1").partition(":")
-            headers[key.strip().lower()] = value.strip().lower()
-        status = int(status_line.split()[1]) if len(status_line.split()) > 1 else 0
-        lines = body_lines(reader, "chunked" in headers.get("transfer-encoding", ""))
-        if status != 200:
-            text = b"".join([line async for line in lines]).decode(errors="replace")
-            rec.error = f"HTTP {status}"
-            log.warning("%s: HTTP %d: %s", server.name, status, text[:300])
+        if conn.status != 200:
+            rec.error = f"HTTP {conn.status}"
+            log.warning("%s: HTTP %d: %s", server.name, conn.status, (await conn.body()).decode(errors="replace")[:300])
             return
         done = False
-        async for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
+        async for event in conn.events():
+            if event == "[DONE]":
                 done = True
                 break
-            event = json.loads(data)
             if "error" in event:
                 rec.error = "error event"
                 log.warning("%s: error event: %s", server.name, str(event["error"])[:300])
@@ -234,27 +216,7 @@ async def exchange(server: Server, request: bytes, rec: Record) -> None:
         elif not rec.tokens and rec.chunks:
             rec.error = "no usage"
     finally:
-        writer.close()
-
-
-async def body_lines(reader: asyncio.StreamReader, chunked: bool):
-    """The response body's lines (with their line ends), de-chunked."""
-    if not chunked:
-        while line := await reader.readline():
-            yield line
-        return
-    pending = b""
-    while True:
-        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-        if size == 0:
-            break
-        pending += await reader.readexactly(size)
-        await reader.readline()  # the CRLF after each chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if pending:
-        yield pending
+        conn.close()
 
 
 async def load(server: Server, clients: int, warmup: float, duration: float, seed: int, temperature: float,

@@ -1,4 +1,5 @@
-"""A small asyncio HTTP/1.1 client for online tests: whole responses, SSE streams, and hanging up mid-request."""
+"""A small asyncio HTTP/1.1 client for online tests and the server benchmark: whole responses, SSE
+streams as they arrive, and hanging up mid-request."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ class Connection:
                    content_length: Optional[int] = None) -> "Connection":
         """content_length: announce this body length instead of the real one (to test size limits)."""
         url = urlsplit(base_url)
-        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        reader, writer = await asyncio.open_connection(url.hostname, url.port or 80)
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         lines = [f"{method} {path} HTTP/1.1", f"Host: {url.netloc}", "Connection: close",
                  f"Content-Length: {len(data) if content_length is None else content_length}",
@@ -31,8 +32,10 @@ class Connection:
         await writer.drain()
         conn = cls(reader, writer)
         status_line = await reader.readline()
+        if len(status_line.split()) < 2:
+            raise ConnectionError(f"{base_url} closed the connection without an answer")
         conn.status = int(status_line.split()[1])
-        while (line := await reader.readline()) not in (b"\r\n", b""):
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
             name, _, value = line.decode().partition(":")
             conn.headers[name.strip().lower()] = value.strip()
         return conn
@@ -49,8 +52,9 @@ class Connection:
                 yield data
         elif "content-length" in self.headers:
             yield await self.reader.readexactly(int(self.headers["content-length"]))
-        else:
-            yield await self.reader.read()
+        else:  # the body lasts until the connection closes
+            while data := await self.reader.read(65536):
+                yield data
 
     async def body(self) -> bytes:
         return b"".join([c async for c in self.chunks()])
@@ -59,12 +63,12 @@ class Connection:
         """SSE `data:` payloads, parsed as JSON except the final "[DONE]"."""
         buffer = b""
         async for chunk in self.chunks():
-            buffer += chunk
+            buffer = (buffer + chunk).replace(b"\r\n", b"\n")  # SSE allows either line end
             while b"\n\n" in buffer:
                 event, buffer = buffer.split(b"\n\n", 1)
                 for line in event.split(b"\n"):
-                    if line.startswith(b"data: "):
-                        payload = line[6:].decode()
+                    if line.startswith(b"data:"):  # the space after the colon is optional
+                        payload = line[5:].strip().decode()
                         yield payload if payload == "[DONE]" else json.loads(payload)
 
     def close(self) -> None:
