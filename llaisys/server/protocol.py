@@ -39,17 +39,25 @@ def check_model(body: dict[str, Any], served_name: str) -> None:
                        param="model", code="model_not_found")
 
 
+# JSON type -> (what it is called in an error, whether a value has it). A bool is not a number.
+JSON_TYPES: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("a boolean", lambda v: isinstance(v, bool)),
+    list: ("an array", lambda v: isinstance(v, list)),
+    dict: ("an object", lambda v: isinstance(v, dict)),
+}
+
+
 def field(body: dict[str, Any], name: str, kind, default=None):
     """body[name] if it has the JSON type `kind` (int, float, str, bool, list, dict), else 400; null = default."""
     value = body.get(name, None)
     if value is None:
         return default
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    if not ok.get(kind, lambda v: isinstance(v, kind))(value):
-        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
-                 dict: "an object"}
-        raise bad_request(f"'{name}' must be {names[kind]}, got {value!r}"[:300], param=name)
+    called, has_type = JSON_TYPES[kind]
+    if not has_type(value):
+        raise bad_request(f"'{name}' must be {called}, got {value!r}"[:300], param=name)
     return value
 
 
