@@ -42,16 +42,18 @@ def metric(base_url: str, name: str) -> float:
     return sum(values)
 
 
-def start_server(model_dir: str | Path, **env: str) -> tuple[subprocess.Popen, str]:
-    """Launch `hypercorn llaisys.app:app` serving model_dir on a free port; returns at once (process, base URL).
+def start_server(model_dir: str | Path, cli: bool = False, **env: str) -> tuple[subprocess.Popen, str]:
+    """Launch `hypercorn llaisys.app:app` (or with cli, `llaisys serve`) serving model_dir on a free port;
+    returns at once (process, base URL).
 
     Extra keyword arguments are environment variables for the server (LLAISYS_API_KEY=..., ...).
     The server's output goes to this process's stderr, so pytest shows it for a failing test.
     """
     port = free_port()
     child_env = {**os.environ, "LLAISYS_MODEL": str(model_dir), **{k: str(v) for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "hypercorn", "llaisys.app:app", "--bind", f"127.0.0.1:{port}"],
-                            env=child_env, stdin=subprocess.DEVNULL)
+    command = (["-m", "llaisys.cli", "serve", "--port", str(port)] if cli else
+               ["-m", "hypercorn", "llaisys.app:app", "--bind", f"127.0.0.1:{port}"])
+    proc = subprocess.Popen([sys.executable, *command], env=child_env, stdin=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
+import urllib.error
+import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llaisys.models.mock import write_mock_model
 
 from http_client import Connection, call, stream
 from server_process import get_json, metric, poll_health, running_server, start_server, stop_server
@@ -20,8 +27,6 @@ CTX = 4096
 
 @pytest.fixture(scope="module")
 def mock_dir(tmp_path_factory):
-    from llaisys.models.mock import write_mock_model
-
     return write_mock_model(tmp_path_factory.mktemp("mock-model"))
 
 
@@ -192,8 +197,6 @@ async def test_metrics_count_tokens_and_latencies(server):
 
 async def test_the_models_generation_config_fills_fields_the_request_leaves_open(tmp_path):
 
-    from llaisys.models.mock import write_mock_model
-
     model = write_mock_model(tmp_path / "mock")
     (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
     with mock_server(model) as url:
@@ -314,12 +317,6 @@ async def test_errors_leave_the_server_serving_and_leak_nothing(server):
 
 def test_no_body_crashes_the_server_or_leaks_cells(server):
     """Random bodies mixing valid and invalid fields: always a 200 or a 4xx in OpenAI's shape, never a 500."""
-    import urllib.error
-    import urllib.request
-
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     scalar = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
                        st.text(max_size=8), st.just(""), st.just([]), st.just({}))
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x", 3]),
@@ -426,8 +423,6 @@ async def test_the_api_key_guards_v1_only(mock_dir):
 
 # start-up
 def test_health_says_503_with_the_reason_when_the_model_fails_to_load(tmp_path):
-    from llaisys.models.mock import write_mock_model
-
     broken = write_mock_model(tmp_path / "broken", vocab_size=10)  # a mock needs vocab_size > 256
     proc, url = start_server(broken)
     try:
@@ -444,16 +439,7 @@ def test_health_says_503_with_the_reason_when_the_model_fails_to_load(tmp_path):
 
 
 async def test_llaisys_serve_ends_every_stream_cleanly_on_sigterm(mock_dir):
-    import signal
-    import subprocess
-    import sys
-
-    from server_process import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "llaisys.cli", "serve", "--model", str(mock_dir), "--port",
-                             str(port), "--served-model-name", "mock"], stdin=subprocess.DEVNULL)
+    proc, url = start_server(mock_dir, cli=True, LLAISYS_SERVED_MODEL_NAME="mock", LLAISYS_CTX=CTX)
     try:
         poll_health(proc, url)
         conn = await Connection.open(url, "POST", CHAT, chat_body(max_tokens=CTX - 100, ignore_eos=True, stream=True))
