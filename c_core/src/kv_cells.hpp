@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <set>
+#include <utility>
 #include <vector>
 
 namespace llaisys {
@@ -45,7 +47,7 @@ class KvCells {
     // so results never depend on where tokens happened to be stored.
     std::vector<int32_t> cells_by_pos(int32_t seq) const;
     // Whether two sequences use exactly the same cells (the same history).
-    bool same_cells(int32_t a, int32_t b) const;
+    bool same_cells(int32_t a, int32_t b) const { return by_seq_[size_t(a)] == by_seq_[size_t(b)]; }
 
     // Sequence operations on the half-open position range [p0, p1).
     void seq_rm(int32_t seq, int64_t p0, int64_t p1); // seq < 0: every sequence
@@ -60,6 +62,9 @@ class KvCells {
     void clear();
 
   private:
+    using PosCell = std::pair<int32_t, int32_t>; // (position, cell): a sequence's cells in attention order
+    // A sequence's cells with positions in [p0, p1), in position order (a copy: callers change the map).
+    std::vector<PosCell> range(int32_t seq, int64_t p0, int64_t p1) const;
     void set_seq(int32_t cell, int32_t seq);
     void unset_seq(int32_t cell, int32_t seq); // frees the cell when no sequence is left
     bool shared(int32_t cell) const;           // used by more than one sequence
@@ -70,6 +75,10 @@ class KvCells {
     int32_t used_ = 0;
     std::vector<int32_t> pos_;   // -1 = free
     std::vector<uint64_t> seqs_; // n_ctx * words_ bitset
+    // Indexes kept in step with pos_ and seqs_, so that position queries, range operations and the
+    // search for free cells never scan the whole cache (llama.cpp keeps a position map per sequence too).
+    std::vector<std::set<PosCell>> by_seq_; // per sequence
+    std::set<int32_t> free_;                // free cells in index order
 };
 
 } // namespace llaisys
