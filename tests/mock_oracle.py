@@ -14,18 +14,62 @@ def mock_row(bias: np.ndarray, history, pos: int) -> np.ndarray:
     return bias.astype(np.float32) - np.float32(0.25) * ((np.arange(n) - h) % n).astype(np.float32)
 
 
-def mock_greedy(prompt, steps: int, vocab: int = 300, keep_eos: bool = False) -> list[int]:
-    """The mock's greedy continuation: next = sum of token * (position + 1) mod vocab, until EOS (vocab - 1)."""
+def mock_greedy(prompt, steps: int, vocab: int = 300, keep_eos: bool = False, ignore_eos: bool = False) -> list[int]:
+    """The mock's greedy continuation: next = sum of token * (position + 1) mod vocab, until EOS
+    (vocab - 1; kept in the output with keep_eos, passed over with ignore_eos)."""
     seq, out = list(prompt), []
     for _ in range(steps):
         token = sum(t * (p + 1) for p, t in enumerate(seq)) % vocab
-        if token == vocab - 1:
+        if token == vocab - 1 and not ignore_eos:
             return out + [token] if keep_eos else out
         out.append(token)
         seq.append(token)
     return out
 
 
+def mock_engine(mock_dir, **args):
+    """An LLMEngine on a mock model directory, small limits unless given."""
+    from llaisys.engine import EngineArgs, LLMEngine
+
+    args = EngineArgs(model=str(mock_dir), **{"max_num_seqs": 8, "max_num_batched_tokens": 16, "n_ctx": 512, **args})
+    return LLMEngine.from_engine_args(args)
+
+
+def check_kv(engine) -> None:
+    """The KV manager's picture equals the core's: used cells, and each prefix-cache node's sequence
+    holding exactly its positions; the cache's cell, evictable and lock counts add up."""
+    kv, model = engine.kv, engine.worker.model
+    assert kv.used == model.kv_used, "the KV manager and the core disagree on used cells"
+    assert sum(len(r.live) for r in engine.scheduler.running) <= engine.args.max_num_seqs
+    cache = kv.cache
+    if cache is None:
+        return
+    nodes = list(cache.nodes.values())
+    for node in nodes:
+        assert (model.kv_seq_pos_min(node.seq_id), model.kv_seq_pos_max(node.seq_id)) == (node.start, node.end - 1)
+        assert node.parent.end == node.start and node.parent.children[int(node.tokens[0])] is node
+    assert cache.cells == sum(len(n.tokens) for n in nodes)
+    assert cache.evictable == sum(len(n.tokens) for n in nodes if n.lock == 0)
+    locks = {id(n): 0 for n in nodes}
+    for share in kv.shares.values():
+        for n in share.node.path() if share.node is not None else ():
+            locks[id(n)] += 1
+    assert all(n.lock == locks[id(n)] for n in nodes), "a node's lock count is not the number of requests using it"
+    assert len(cache.free_seq_ids) + len(nodes) == engine.args.prefix_cache_seqs
+
+
+def run_checked(engine, max_steps: int = 10_000) -> int:
+    """Step to completion, checking the KV accounting against the core at every step."""
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        check_kv(engine)
+        assert steps < max_steps, "the engine does not make progress"
+    assert held_cells(engine) == 0 == engine.scheduler.kv_used
+    return steps
+
+
 def held_cells(engine) -> int:
-    """Cells the core holds for requests: all it holds minus the prefix cache's (which are free for the taking)."""
-    return engine.worker.kv_used - engine.scheduler.kv_cached
+    """Cells the core holds for requests: all it holds minus the cached cells nothing running uses."""
+    return engine.worker.kv_used - engine.kv.evictable

@@ -13,7 +13,7 @@ from llaisys import LLM, SamplingParams
 from llaisys.engine import EngineArgs, LLMEngine, PromptTooLongError, RequestState
 from llaisys.models.mock import write_mock_model
 
-from mock_oracle import held_cells, mock_greedy
+from mock_oracle import check_kv, held_cells, mock_engine, mock_greedy, run_checked
 
 VOCAB = 300
 EOS = VOCAB - 1
@@ -25,27 +25,8 @@ def mock_dir(tmp_path_factory):
     return write_mock_model(tmp_path_factory.mktemp("mock"), vocab_size=VOCAB)
 
 
-def mock_engine(mock_dir, **args) -> LLMEngine:
-    args = EngineArgs(model=str(mock_dir), **{"max_num_seqs": 8, "max_num_batched_tokens": 16, "n_ctx": 512, **args})
-    return LLMEngine.from_engine_args(args)
-
-
 def mock_llm(mock_dir, **args) -> LLM:
     return LLM(str(mock_dir), **{"max_num_seqs": 8, "max_num_batched_tokens": 16, "n_ctx": 512, **args})
-
-
-def run_checked(engine: LLMEngine, max_steps: int = 10_000) -> int:
-    """Step to completion, checking the scheduler's cell count against the core and the limits at every step."""
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-        assert engine.scheduler.kv_used + engine.scheduler.kv_cached == engine.worker.kv_used, \
-            "scheduler and core disagree on used cells"
-        assert sum(len(r.live) for r in engine.scheduler.running) <= engine.args.max_num_seqs
-        assert steps < max_steps, "the engine does not make progress"
-    assert held_cells(engine) == 0 == engine.scheduler.kv_used
-    return steps
 
 
 def mock_text(ids) -> str:
@@ -335,7 +316,7 @@ def test_random_workloads_keep_every_invariant(mock_dir, seed, n_ctx, budget):
         if not engine.has_unfinished_requests() and step >= 40:
             break
         engine.step()
-        assert engine.scheduler.kv_used + engine.scheduler.kv_cached == engine.worker.kv_used
+        check_kv(engine)
         assert engine.stats().last_step_seconds >= 0
     run_checked(engine)
     for r in requests:
@@ -345,102 +326,6 @@ def test_random_workloads_keep_every_invariant(mock_dir, seed, n_ctx, budget):
         room = min(r.params.max_tokens, engine.max_model_len - len(r.prompt_ids))  # the context caps the output
         expected = mock_greedy(r.prompt_ids, room, VOCAB, keep_eos=True)
         assert all(c.output_ids == expected for c in r.completions), r.request_id
-
-
-# the prefix cache
-def test_a_prompt_that_extends_a_finished_one_computes_only_the_new_tokens(mock_dir):
-    engine = mock_engine(mock_dir, max_num_batched_tokens=16)
-    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
-    first = engine.add_request(list(range(1, 101)), params)  # 100 tokens: 7 prefill steps of 16
-    run_checked(engine)
-    history = first.prompt_ids + first.completions[0].output_ids
-    assert engine.scheduler.kv_cached == len(history) - 1  # the last sampled token was never computed
-    follow_up = history + list(b" next turn")
-    second = engine.add_request(follow_up, params)
-    engine.step()
-    # One step computed the 11 new tokens and sampled: the 109 before came from the cache.
-    assert len(second.completions[0].output_ids) == 1
-    stats = engine.stats()
-    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (100 + len(follow_up), len(history) - 1)
-    assert stats.kv_cached_cells == 0 and stats.kv_used_cells == len(follow_up)
-    run_checked(engine)
-    assert second.completions[0].output_ids == mock_greedy(follow_up, 10, VOCAB, keep_eos=True)
-    # The same prompt again: all but its last token come from the cache, and the text is the same.
-    again = engine.add_request(follow_up, params)
-    run_checked(engine)
-    assert again.completions[0].output_ids == second.completions[0].output_ids
-    assert engine.stats().prefix_cache_hits == len(history) - 1 + len(follow_up) - 1
-
-
-def test_a_request_sharing_only_a_short_prefix_leaves_the_cached_sequence_alone(mock_dir):
-    engine = mock_engine(mock_dir, max_num_batched_tokens=64)
-    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
-    system = list(b"You are helpful. ")  # 17 tokens both chats start with
-    alice = engine.add_request(system + list(b"Alice asks a long question about caches"), params)
-    run_checked(engine)
-    cached = engine.scheduler.kv_cached
-    bob = engine.add_request(system + list(b"Bob asks something else entirely, at length"), params)
-    run_checked(engine)
-    assert engine.stats().prefix_cache_hits == 0  # 17 of 60 tokens: not worth cutting Alice's chat
-    assert bob.completions[0].output_ids == mock_greedy(bob.prompt_ids, 10, VOCAB, keep_eos=True)
-    history = alice.prompt_ids + alice.completions[0].output_ids
-    engine.add_request(history + list(b" more"), params)
-    run_checked(engine)
-    assert engine.stats().prefix_cache_hits == cached  # Alice's next turn finds her whole chat
-
-
-def test_cached_sequences_give_way_to_new_requests(mock_dir):
-    # Two sequence slots and 110 cells (two requests need 100): the cache fills both slots, newcomers still get in.
-    engine = mock_engine(mock_dir, max_num_seqs=2, n_ctx=110, max_num_batched_tokens=32)
-    params = SamplingParams(max_tokens=20, ignore_eos=True, **GREEDY)
-    prompts = [[i + 1] * 30 for i in range(6)]
-    for prompt in prompts:
-        request = engine.add_request(prompt, params)
-        run_checked(engine)
-        assert request.completions[0].output_ids == mock_greedy(prompt, 20, VOCAB, keep_eos=True)
-        assert engine.scheduler.cache.num_entries <= 2 and engine.scheduler.kv_cached <= 110
-    both = [engine.add_request(p, params) for p in prompts[:2]]
-    run_checked(engine)
-    assert [r.completions[0].output_ids for r in both] == [mock_greedy(p, 20, VOCAB, keep_eos=True)
-                                                           for p in prompts[:2]]
-    assert engine.stats().num_preemptions == 0 and engine.stats().requests_failed == 0
-    engine.reset_prefix_cache()
-    assert engine.worker.kv_used == engine.scheduler.kv_cached == 0
-
-
-def test_a_cancelled_request_is_cached_and_a_failed_one_is_not(mock_dir, monkeypatch):
-    from llaisys.core import InvalidArgumentError
-
-    engine = mock_engine(mock_dir)
-    params = SamplingParams(max_tokens=40, ignore_eos=True, **GREEDY)
-    stopped = engine.add_request(list(b"stop me early"), params, request_id="stopped")
-    for _ in range(3):
-        engine.step()
-    engine.abort_request("stopped")
-    computed = stopped.completions[0].num_computed
-    assert engine.scheduler.kv_cached == computed == engine.worker.kv_used
-    execute = engine.worker.execute
-
-    def reject(chunks):
-        if any(ch.completion.request.request_id == "bad" for ch in chunks):
-            raise InvalidArgumentError("decode: planted fault")
-        return execute(chunks)
-
-    monkeypatch.setattr(engine.worker, "execute", reject)
-    bad = engine.add_request(list(b"stop me early, please"), params, request_id="bad")
-    run_checked(engine)
-    assert bad.state is RequestState.FAILED
-    assert engine.scheduler.kv_cached == engine.worker.kv_used <= computed  # only what the stopped one left
-
-
-def test_without_prefix_caching_nothing_is_kept(mock_dir):
-    engine = mock_engine(mock_dir, enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY)
-    for _ in range(2):
-        engine.add_request("the same prompt", params)
-        run_checked(engine)
-        assert engine.worker.kv_used == engine.scheduler.kv_cached == 0
-    assert engine.stats().prefix_cache_hits == 0
 
 
 def test_chat_applies_the_template(mock_dir):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+MAX_SEQS = 4096  # the core's limit on sequence ids (running slots and cache sequences together)
+
 
 @dataclasses.dataclass
 class EngineArgs:
@@ -18,8 +20,12 @@ class EngineArgs:
                             (the async engine's bound); None = no bound.
     n_threads:              core worker threads; 0 = all cores.
     kv_dtype, weight_dtype: see llaisys.models.RuntimeOptions.
-    enable_prefix_caching:  keep finished sequences' cells for later requests that start with the
-                            same tokens (see prefix_cache.py).
+    enable_prefix_caching:  keep computed tokens' cells for later requests that start with the
+                            same tokens (see radix_cache.py).
+    prefix_cache_max_cells: cells the prefix cache may keep that no running request uses; None = as
+                            many as are free (cached cells always give way to running work).
+    prefix_cache_seqs:      core sequences for the prefix cache's nodes, apart from max_num_seqs
+                            (a full cache evicts a node for a new one; it never blocks admission).
     """
 
     model: Optional[str] = None
@@ -32,16 +38,29 @@ class EngineArgs:
     kv_dtype: str = "f32"
     weight_dtype: Optional[str] = None
     enable_prefix_caching: bool = True
+    prefix_cache_max_cells: Optional[int] = None
+    prefix_cache_seqs: int = 256
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "n_ctx"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_int(name, getattr(self, name), 1)
         for name in ("max_model_len", "max_waiting"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            _check_int(name, getattr(self, name), 1, optional=True)
+        _check_int("prefix_cache_max_cells", self.prefix_cache_max_cells, 0, optional=True)
+        _check_int("prefix_cache_seqs", self.prefix_cache_seqs, 1, MAX_SEQS - self.max_num_seqs)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({self.max_num_seqs})")
+
+    @property
+    def n_seq_max(self) -> int:
+        """Core sequences: the running slots, then the prefix cache's."""
+        return self.max_num_seqs + (self.prefix_cache_seqs if self.enable_prefix_caching else 0)
+
+
+def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f"at least {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}{' or None' if optional else ''}, got {value!r}")

@@ -1,6 +1,8 @@
 """LLMEngine: requests in, one step at a time, increments out. Synchronous; not thread-safe.
 
-step() = Scheduler.schedule() -> Executor.execute(plan) -> free what finished -> increments.
+step() = Scheduler.schedule() (a plan) -> Executor.execute(plan) (compute and sample: a plain
+StepResult) -> Scheduler.postprocess(result) (every state change) -> the KV operations it decided
+-> increments.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from ..core import KVCacheFullError
 from ..models import ModelAdapter, RuntimeOptions, load_model
@@ -20,7 +22,8 @@ from .executor import Executor
 from .outputs import RequestOutput
 from .request import Request, RequestState
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .kv_manager import KvManager
+from .scheduler import Scheduler, StepResult
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,8 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    kv_used_cells: int  # held by running requests
-    kv_cached_cells: int  # held by the prefix cache, free for the taking
+    kv_used_cells: int  # in use by running requests (their own and those they share with the prefix cache)
+    kv_cached_cells: int  # held by the prefix cache and used by nothing running: free for the taking
     kv_capacity: int
     num_preemptions: int
     prompt_tokens_total: int
@@ -48,10 +51,16 @@ class EngineStats:
     requests_failed: int
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens whose cells were reused
+    prefix_cache_cells: int  # all cells the prefix cache holds, shared with running requests or not
 
     @property
     def kv_usage(self) -> float:
         return self.kv_used_cells / self.kv_capacity if self.kv_capacity else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hits / queries, in tokens (vLLM's definition); 0 before any query."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class LLMEngine:
@@ -60,8 +69,9 @@ class LLMEngine:
         self.args = args
         self.worker = Worker(adapter)
         self.executor = Executor(self.worker)
-        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.worker.kv_capacity,
-                                   args.enable_prefix_caching)
+        self.kv = KvManager(self.worker.kv_capacity, args.max_num_seqs,
+                            args.prefix_cache_seqs if args.enable_prefix_caching else 0, args.prefix_cache_max_cells)
+        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
         self.eos_ids = frozenset(adapter.eos_token_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -73,7 +83,7 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         path = Path(args.model) if args.model else _default_model()
-        options = RuntimeOptions(n_ctx=args.n_ctx, n_seq_max=args.max_num_seqs, n_batch=args.max_num_batched_tokens,
+        options = RuntimeOptions(n_ctx=args.n_ctx, n_seq_max=args.n_seq_max, n_batch=args.max_num_batched_tokens,
                                  n_threads=args.n_threads, kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype)
         return cls(load_model(path, options), args)
 
@@ -112,12 +122,8 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        # A cancelled request's cells stay in the prefix cache: a chat stopped mid-reply goes on from there.
-        self.executor.free(self.scheduler.remove(request, retain=error is None))
-        if error is None:
-            request.end(RequestState.CANCELLED, "abort")
-        else:
-            request.fail(error)
+        self.scheduler.abort(request, error)
+        self.executor.apply(self.kv.take_ops())
         self._count_finished(request)
         return request.take_output(delta=True)
 
@@ -130,20 +136,18 @@ class LLMEngine:
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
-            touched = self.executor.execute(plan)
+            result = self.executor.execute(plan)
         except KVCacheFullError as e:
-            # The scheduler's cell count and the core disagree: back off by preempting, never fail.
+            # The manager's cell count and the core disagree: back off by preempting, never fail.
             log.error("the core found no KV room for a planned step (%s); preempting the newest request", e)
-            touched = set(plan.failed)
+            result = StepResult()
             if self.scheduler.running:
-                self.executor.free(self.scheduler.preempt_newest())
+                self.scheduler.preempt_newest()
         except Exception as e:  # a fault in one step fails the requests in it, not the engine
             log.exception("step failed")
-            touched = set(plan.failed)
-            for request in {ch.completion.request for ch in plan.chunks}:
-                self.executor.free(self.scheduler.remove(request))
-                request.fail(f"internal error: {e}")
-                touched.add(request)
+            result = StepResult(failed={ch.completion.request: f"internal error: {e}" for ch in plan.chunks})
+        touched = self.scheduler.postprocess(plan, result)
+        self.executor.apply(self.kv.take_ops())
         outputs = [self._collect(request) for request in touched]
         self._steps += 1
         self._last_step = time.perf_counter() - start
@@ -151,16 +155,9 @@ class LLMEngine:
         return outputs
 
     def _collect(self, request: Request) -> RequestOutput:
-        """Free the cells of what finished in this step and take the request's increment."""
-        retain = request.state is not RequestState.FAILED
-        for c in request.completions:
-            if c.finished and (seq := self.scheduler.release(c, retain)) is not None:
-                self.executor.free([seq])
+        """Count what the request produced in this step and take its increment."""
         self._generation_tokens += sum(len(c.new_ids) for c in request.completions)
-        if request.state is RequestState.RUNNING and not request.live:
-            request.end(RequestState.FINISHED, "stop")
         if request.state.done:
-            self.scheduler.remove(request)
             self.requests.pop(request.request_id, None)
             self._count_finished(request)
         return request.take_output(delta=True)
@@ -171,53 +168,31 @@ class LLMEngine:
         self._failed += request.state is RequestState.FAILED
 
     def reset_prefix_cache(self) -> None:
-        """Free every cell the prefix cache holds."""
-        self.executor.free(self.scheduler.evict_all())
+        """Free every cached cell that no running request uses."""
+        self.kv.reset_cache()
+        self.executor.apply(self.kv.take_ops())
 
     def stats(self) -> EngineStats:
-        s, cache = self.scheduler, self.scheduler.cache
-        return EngineStats(len(s.running), len(s.waiting), s.kv_used, s.kv_cached, s.kv_capacity, s.num_preemptions,
+        s, kv = self.scheduler, self.kv
+        return EngineStats(len(s.running), len(s.waiting), s.kv_used, kv.evictable, kv.capacity, s.num_preemptions,
                            s.prompt_tokens_total, self._generation_tokens, self._steps, self._last_step,
-                           self._step_total, dict(self._finished), self._failed,
-                           cache.queries if cache is not None else 0, cache.hits if cache is not None else 0)
+                           self._step_total, dict(self._finished), self._failed, kv.queries, kv.hits, kv.cached)
 
-    # prompts
+    # prompts (the engine's own tokenizer: only for the thread that steps it; see AsyncLLM's client methods)
+    @property
+    def vocab_size(self) -> int:
+        return self.adapter.model.n_vocab
+
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         """A prompt's text (None when given as ids) and its checked token ids; ValueError naming the problem."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self.tokenize(prompt["prompt"])
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return prompt, self.adapter.encode(prompt)
-        return None, self._check_ids(prompt)
-
-    def _check_ids(self, ids) -> list[int]:
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(ids).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.adapter.model.n_vocab
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        return list(ids)
+        return prompt_ids(prompt, self.adapter.encode, self.vocab_size)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.adapter.decode(self._check_ids(ids))
+        return self.adapter.decode(check_ids(ids, self.vocab_size))
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """A conversation in the model's chat template, ready for generation."""
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
-        return self.adapter.chat_text(messages)
+        return chat_text(messages, self.adapter.chat_text)
 
     def _detokenizer(self, params: SamplingParams):
         decode, stop = self.adapter.decode, params.stop
@@ -228,3 +203,39 @@ def _default_model() -> Path:
     from ..models.default_model import fetch_model
 
     return fetch_model()
+
+
+def prompt_ids(prompt: PromptType, encode: Callable[[str], list[int]], vocab: int) -> tuple[Optional[str], list[int]]:
+    """A prompt's text (None when given as ids) and its checked token ids; ValueError naming the problem."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), check_ids(prompt["prompt_token_ids"], vocab)
+        if "prompt" in prompt:
+            return prompt_ids(prompt["prompt"], encode, vocab)
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        return prompt, encode(prompt)
+    return None, check_ids(prompt, vocab)
+
+
+def check_ids(ids, vocab: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(ids).__name__}")
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    return list(ids)
+
+
+def chat_text(messages: list[dict[str, str]], render: Callable[[list[dict[str, str]]], str]) -> str:
+    """A checked conversation rendered by the model's chat template; ValueError naming a bad message."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+    return render(messages)

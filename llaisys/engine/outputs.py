@@ -52,6 +52,7 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (first admission)
 
     @property
     def queue_time(self) -> Optional[float]:
@@ -83,3 +84,25 @@ class RequestOutput:
     state: str
     metrics: RequestMetrics
     error: Optional[str] = None
+
+
+class OutputAccumulator:
+    """A request's cumulative output rebuilt from its increments, on the receiving side: streams and
+    callers read this, never the engine's live request (which another thread is changing)."""
+
+    def __init__(self, initial: RequestOutput):
+        """initial: the request's cumulative output before it ran (taken where it was made)."""
+        self.output = initial
+
+    def add(self, delta: RequestOutput) -> None:
+        out = self.output
+        out.finished, out.state, out.metrics, out.error = delta.finished, delta.state, delta.metrics, delta.error
+        for piece in delta.outputs:
+            c = out.outputs[piece.index]
+            c.text += piece.text
+            c.token_ids = c.token_ids + piece.token_ids
+            c.finish_reason, c.stop_reason = piece.finish_reason, piece.stop_reason
+            if piece.logprobs is not None:
+                c.logprobs = c.logprobs + piece.logprobs
+                for token, step in zip(piece.token_ids, piece.logprobs):
+                    c.cumulative_logprob += step[token].logprob

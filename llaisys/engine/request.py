@@ -4,10 +4,12 @@ A request has n completions; each is one KV sequence (a core seq id while runnin
 the prompt followed by its own output. `num_computed` counts the leading tokens whose KV cells are
 in the cache for that sequence; the tokens after it are pending (the prompt, or the last sampled
 token, or everything after a preemption). The prompt is computed once, by the first live
-completion (the leader), and shared with the others through the core's seq_cp.
+completion (the leader), and shared with the others through the core's seq_cp. Only the scheduler
+changes these objects (see scheduler.py); everyone else reads them or takes their outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from typing import Optional
@@ -78,6 +80,32 @@ class Completion:
         tail = self.output_ids[max(start - n, 0):stop - n] if stop > n else []
         return head + tail
 
+    def append_token(self, token: int, logprobs: Optional[StepLogprobs], now: float) -> None:
+        """Append a sampled token, extend the text and check every stop condition."""
+        request, params = self.request, self.request.params
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        metrics.num_generated_tokens += 1
+        self.output_ids.append(token)
+        self.new_ids.append(token)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.new_logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token].logprob
+        n_out = len(self.output_ids)
+        if token in params.stop_token_ids:
+            self.finish("stop", token)
+        elif token in request.eos_ids:
+            self.finish("stop")
+        else:
+            self.new_text += self.detokenizer.add_token(token, check_stop=n_out >= params.min_tokens)
+            if self.detokenizer.stop_string is not None:
+                self.finish("stop", self.detokenizer.stop_string)
+        if not self.finished and n_out >= request.max_output:
+            self.finish("length")
+
     def finish(self, reason: str, stop_reason=None) -> None:
         self.finish_reason = reason
         self.stop_reason = stop_reason
@@ -92,7 +120,7 @@ class Completion:
             self.finish_reported = self.finished
             return out
         return CompletionOutput(self.index, self.detokenizer.text, list(self.output_ids), self.finish_reason,
-                                self.stop_reason, self.logprobs,
+                                self.stop_reason, None if self.logprobs is None else list(self.logprobs),
                                 self.cumulative_logprob if self.logprobs is not None else None)
 
 
@@ -133,25 +161,6 @@ class Request:
         leader = self.leader
         return leader is None or leader.num_computed >= self.num_prompt_tokens
 
-    def _prompt_cells(self, live: list[Completion]) -> int:
-        """Prompt cells in the cache, shared by the live completions (0 when none is live)."""
-        return min(self.num_prompt_tokens, max((c.num_computed for c in live), default=0))
-
-    @property
-    def kv_cells(self) -> int:
-        """Cells this request holds in the cache: the shared prompt once, plus each live output."""
-        live, n = self.live, self.num_prompt_tokens
-        return self._prompt_cells(live) + sum(max(c.num_computed - n, 0) for c in live)
-
-    @property
-    def cells_to_resume(self) -> int:
-        """Cells needed to bring every live completion back to decoding (after a preemption: all of it)."""
-        live = self.live
-        if not live:
-            return 0
-        n = self.num_prompt_tokens
-        return n - self._prompt_cells(live) + sum(c.num_tokens - max(c.num_computed, n) for c in live)
-
     def reset_for_recompute(self) -> None:
         """Forget every KV cell (preempted): the live completions will recompute their tokens."""
         for c in self.completions:
@@ -171,9 +180,10 @@ class Request:
         self.end(RequestState.FAILED, "abort", message)
 
     def take_output(self, delta: bool) -> RequestOutput:
-        """The cumulative output, or (delta) what changed since the last increment."""
+        """The cumulative output, or (delta) what changed since the last increment: a copy that the
+        engine no longer touches, safe to hand to another thread."""
         completions = self.completions
         if delta:
             completions = [c for c in completions if c.has_news]
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [c.output(delta) for c in completions],
-                             self.state.done, self.state.value, self.metrics, self.error)
+                             self.state.done, self.state.value, dataclasses.replace(self.metrics), self.error)

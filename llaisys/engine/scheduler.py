@@ -1,19 +1,20 @@
-"""The scheduler: decides what each engine step computes. It plans only; it never runs the model.
+"""The scheduler: the one owner of request state. schedule() plans a step; postprocess() applies
+its result. Neither runs the model.
 
 Continuous batching with a per-step token budget. Each step takes, in order:
 1. one decode row for every running completion waiting on its last sampled token (decodes first,
    so a long prompt never starves them);
 2. chunks of the running requests' unfinished prompts (or recomputation after a preemption), in
    admission order, within the remaining budget;
-3. new requests from the waiting queue, first come first served, while sequence slots, budget and
-   KV cells allow. A request is admitted only when the cells to reach decoding are free. A request
-   that starts like a sequence in the prefix cache takes that sequence over and skips the shared part.
-KV cells are counted here from the requests' own state (see Request.kv_cells) plus the prefix
-cache's, which together mirror the core's cell map exactly. Cached sequences give way (least
-recently used first) before anything running does. When the running completions cannot all grow
-by one token, the most recently admitted request is preempted: its cells are freed and it goes
-back to the front of the queue to be recomputed. A request that cannot fit even alone is failed,
-never retried forever.
+3. new requests from the waiting queue, first come first served (nobody overtakes the head of the
+   queue), while sequence slots, budget and KV cells allow. A request is admitted only when the
+   cells to reach decoding can be had; it starts from the longest prefix of its tokens that the
+   prefix cache holds.
+Cells are counted by the KV manager, which mirrors the core's cell map. Cached cells that nothing
+running uses give way (least recently used first) before anything running does. When the running
+completions cannot all grow by one token, the most recently admitted request is preempted: its
+computed tokens go to the prefix cache, its cells are freed and it goes back to the front of the
+queue. A request that cannot fit even alone is failed, never retried forever.
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ import collections
 import dataclasses
 import logging
 import time
+from typing import Optional
 
-from .prefix_cache import CachedSequence, PrefixCache
+from .kv_manager import KvManager
+from .kv_ops import KvOp
+from .outputs import StepLogprobs
 from .request import Completion, Request, RequestState
 
 log = logging.getLogger(__name__)
@@ -43,46 +47,48 @@ class Chunk:
 
 @dataclasses.dataclass
 class Plan:
-    """One step: the sequences whose cells must be freed and those cut short (sequence, tokens kept), first;
-    then the chunks to compute (one batch)."""
+    """One step: the KV operations to apply first, then the chunks to compute (one batch)."""
 
     chunks: list[Chunk] = dataclasses.field(default_factory=list)
-    freed_seq_ids: list[int] = dataclasses.field(default_factory=list)
-    truncated: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    preempted: list[Request] = dataclasses.field(default_factory=list)
-    failed: list[Request] = dataclasses.field(default_factory=list)
+    kv_ops: list[KvOp] = dataclasses.field(default_factory=list)
+    failed: list[Request] = dataclasses.field(default_factory=list)  # ended while planning
 
     @property
     def num_tokens(self) -> int:
         return sum(c.length for c in self.chunks)
 
 
+@dataclasses.dataclass
+class Sampled:
+    completion: Completion
+    token: int
+    logprobs: Optional[StepLogprobs]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What a step computed, as plain data: nothing in it has been applied to any request yet."""
+
+    computed: list[Chunk] = dataclasses.field(default_factory=list)  # their KV is now in the cache
+    sampled: list[Sampled] = dataclasses.field(default_factory=list)
+    failed: dict[Request, str] = dataclasses.field(default_factory=dict)  # requests the model rejected
+
+
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv_capacity: int,
-                 prefix_caching: bool = True):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv: KvManager):
         # EngineArgs guarantees max_num_batched_tokens >= max_num_seqs: every decode row fits a step.
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
-        self.kv_capacity = kv_capacity
+        self.kv = kv
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
-        self.free_seq_ids = list(range(max_num_seqs - 1, -1, -1))  # popped from the end: lowest first
         self.num_preemptions = 0
         self.prompt_tokens_total = 0  # prompt tokens of admitted requests, cached or not, each counted once
-        self.cache = PrefixCache() if prefix_caching else None
 
     @property
     def kv_used(self) -> int:
-        """Cells held by running requests."""
-        return sum(r.kv_cells for r in self.running)
-
-    @property
-    def kv_cached(self) -> int:
-        """Cells held by the prefix cache (free for the taking)."""
-        return self.cache.cells if self.cache is not None else 0
-
-    def _free_cells(self) -> int:
-        return self.kv_capacity - self.kv_used - self.kv_cached
+        """Cells in use by running requests (their own and those they share with the cache)."""
+        return self.kv.used - self.kv.evictable
 
     @property
     def has_unfinished(self) -> bool:
@@ -91,68 +97,27 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def remove(self, request: Request, retain: bool = False) -> list[int]:
-        """Take a request out of the queues; returns the sequences whose cells the caller must free.
-
-        retain: keep a single completion's cells in the prefix cache instead (a cancelled request).
-        """
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-        return [seq for seq in (self.release(c, retain) for c in request.completions) if seq is not None]
-
-    def release(self, completion: Completion, retain: bool = False) -> int | None:
-        """Give back a completion's sequence slot; returns it (the caller must free its cells) or None.
-
-        retain: a single-completion request's computed tokens go to the prefix cache with their
-        cells (with n > 1 the prompt cells are shared between sequences, so they are never kept).
-        """
-        seq = completion.seq_id
-        if seq is None:
-            return None
-        completion.seq_id = None
-        if retain and self.cache is not None and completion.request.params.n == 1 and completion.num_computed:
-            self.cache.add(seq, completion.tokens(0, completion.num_computed))
-            return None
-        self.free_seq_ids.append(seq)
-        return seq
-
-    def evict_all(self) -> list[int]:
-        """Empty the prefix cache; returns the sequences whose cells the caller must free."""
-        plan = Plan()
-        while self._evict(plan):
-            pass
-        return plan.freed_seq_ids
-
-    def _evict(self, plan: Plan, keep: CachedSequence | None = None) -> int:
-        """Drop the least recently used cached sequence (not `keep`); returns the cells freed (0: none)."""
-        victim = self.cache.evict_oldest(keep) if self.cache is not None else None
-        if victim is None:
-            return 0
-        plan.freed_seq_ids.append(victim.seq_id)
-        self.free_seq_ids.append(victim.seq_id)
-        return len(victim.tokens)
-
+    # planning
     def schedule(self) -> Plan:
         plan = Plan()
         decodes = self._make_room_for_decodes(plan)
-        free = self._free_cells() - len(decodes)
-        budget = self.token_budget - len(decodes)
+        planned = len(decodes)  # cells this step's chunks will occupy
+        budget = self.token_budget - planned
         plan.chunks += [Chunk(c, c.num_computed, 1) for c in decodes]
-        scheduled_prefill = 0
         for request in self.running:
             for c in self._prefill_candidates(request):
-                while free < min(c.num_pending, budget) and (cells := self._evict(plan)):
-                    free += cells  # running work comes before cached prefixes
-                n = min(c.num_pending, budget, free)
+                self.kv.reclaim(planned + min(c.num_pending, budget))  # running work before cached prefixes
+                n = min(c.num_pending, budget, self.kv.free - planned)
                 if n <= 0:
                     break
                 plan.chunks.append(Chunk(c, c.num_computed, n))
-                budget, free, scheduled_prefill = budget - n, free - n, scheduled_prefill + n
+                budget, planned = budget - n, planned + n
         # Cells still owed to running requests beyond this step are not free for newcomers.
-        owed = sum(r.cells_to_resume for r in self.running) - len(decodes) - scheduled_prefill
-        self._admit(plan, budget, free, free - owed)
+        owed = sum(self.kv.cells_to_resume(r) for r in self.running) - planned
+        self._admit(plan, budget, planned, owed)
+        if not plan.chunks and self.running:  # nothing can move: without this, nothing ever would
+            self._give_way(plan)
+        plan.kv_ops = self.kv.take_ops()
         return plan
 
     def _make_room_for_decodes(self, plan: Plan) -> list[Completion]:
@@ -160,94 +125,117 @@ class Scheduler:
         requests, until they fit."""
         while True:
             decodes = [c for r in self.running if r.prompt_done for c in r.live if c.num_pending == 1]
-            if len(decodes) <= self._free_cells():
+            if self.kv.reclaim(len(decodes)):
                 return decodes
-            if self._evict(plan):
-                continue
-            victim = self.running[-1]
-            if len(self.running) == 1:
-                self._fail(plan, victim, f"the request needs more KV cells than the cache holds "
-                                         f"({self.kv_capacity}); lower n or max_tokens, or raise the context size")
-                continue
-            self._preempt(plan, victim)
+            self._give_way(plan)
+
+    def _give_way(self, plan: Plan) -> None:
+        """The newest running request makes room: preempted, or failed when it runs alone."""
+        victim = self.running[-1]
+        if len(self.running) > 1:
+            self._preempt(victim)
+            return
+        self._fail(plan, victim, f"the request needs more KV cells than the cache holds ({self.kv.capacity}); "
+                                 f"lower n or max_tokens, or raise the context size")
 
     def _prefill_candidates(self, request: Request) -> list[Completion]:
         if not request.prompt_done:
             return [request.leader]
         return [c for c in request.live if c.num_pending > 1]
 
-    def _admit(self, plan: Plan, budget: int, free: int, free_to_admit: int) -> None:
+    def _admit(self, plan: Plan, budget: int, planned: int, owed: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
-            need = request.cells_to_resume
-            if need > self.kv_capacity:
+            need = self.kv.cells_to_resume(request)
+            if need > self.kv.capacity:
                 self.waiting.popleft()
-                self._fail(plan, request, f"the prompt needs {need} KV cells but the cache holds {self.kv_capacity}")
+                self._fail(plan, request, f"the prompt needs {need} KV cells but the cache holds {self.kv.capacity}")
                 continue
-            entry, reused = self._cached_prefix(request)
-            need -= reused
-            gained = len(entry.tokens) - reused if entry is not None else 0  # cut from the entry's tail
-            slots = len(request.live) - (entry is not None)
-            evictable = self.kv_cached - (len(entry.tokens) if entry is not None else 0)
-            evictable_slots = (self.cache.num_entries if self.cache is not None else 0) - (entry is not None)
-            if need > free_to_admit + gained + evictable or slots > len(self.free_seq_ids) + evictable_slots:
+            hit = self.kv.find_prefix(request)
+            need -= hit.length
+            room = self.kv.free - planned - owed + self.kv.evictable - self.kv.protected(hit)
+            if need > room or len(request.live) > len(self.kv.free_slots):
                 return  # first come first served: nobody overtakes the head of the queue
-            while need > free_to_admit + gained or slots > len(self.free_seq_ids):
-                cells = self._evict(plan, keep=entry)
-                free, free_to_admit = free + cells, free_to_admit + cells
             self.waiting.popleft()
-            if self.cache is not None:
-                self.cache.count_lookup(request.leader.num_tokens, reused)
-            if entry is not None:
-                request.leader.seq_id = self.cache.take(entry)
-                request.leader.num_computed = reused
-                plan.truncated.append((entry.seq_id, reused))
-                free, free_to_admit = free + gained, free_to_admit + gained
-            for c in request.live:
-                if c.seq_id is None:
-                    c.seq_id = self.free_seq_ids.pop()
+            self.kv.admit(request, hit)
             request.state = RequestState.RUNNING
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
                 self.prompt_tokens_total += request.num_prompt_tokens
             self.running.append(request)
             leader = request.leader
-            n = min(leader.num_pending, budget, free)
-            plan.chunks.append(Chunk(leader, leader.num_computed, n))
-            budget, free, free_to_admit = budget - n, free - n, free_to_admit - need
+            self.kv.reclaim(planned + owed + need)
+            n = min(leader.num_pending, budget, self.kv.free - planned)
+            if n > 0:
+                plan.chunks.append(Chunk(leader, leader.num_computed, n))
+            budget, planned, owed = budget - n, planned + n, owed + need - n
 
-    def _cached_prefix(self, request: Request) -> tuple[CachedSequence | None, int]:
-        """The cached sequence a waiting request can take over and how many of its tokens it covers
-        (at most all but the last, whose logits are needed).
+    # applying a step
+    def postprocess(self, plan: Plan, result: StepResult) -> set[Request]:
+        """Apply a step's result to its requests; returns every request that changed. The KV
+        operations this decides are left in the manager (take_ops)."""
+        touched = set(plan.failed)
+        for request, message in result.failed.items():
+            self._fail(plan, request, message)
+            touched.add(request)
+        for ch in result.computed:
+            c, request = ch.completion, ch.completion.request
+            c.num_computed += ch.length
+            if c is request.leader and ch.start < request.num_prompt_tokens <= c.num_computed:
+                self.kv.prompt_done(request)
+        now = time.time()
+        for s in result.sampled:
+            s.completion.append_token(s.token, s.logprobs, now)
+            touched.add(s.completion.request)
+        for request in touched:
+            if request.state is not RequestState.RUNNING:
+                continue
+            for c in request.completions:
+                if c.finished:
+                    self.kv.release(c, keep=True)
+            if not request.live:
+                request.end(RequestState.FINISHED, "stop")
+                self.running.remove(request)
+        self.kv.trim()
+        return touched
 
-        Taking a sequence over cuts what follows the common prefix, so it is done only when the
-        prefix is at least half of the request (llama.cpp's slot-similarity rule): a new chat that
-        shares just a system prompt with a cached one computes its own and leaves the other intact.
-        """
-        if self.cache is None or not self.cache.num_entries or request.params.n != 1:
-            return None, 0
-        c = request.leader
-        entry, match = self.cache.longest_match(c.tokens(0, c.num_tokens))
-        reused = min(match, c.num_tokens - 1)
-        return (entry, reused) if reused > 0 and 2 * match >= c.num_tokens else (None, 0)
+    def abort(self, request: Request, error: Optional[str] = None) -> None:
+        """Cancel a queued or running request now (fail it, when an error is given). A cancelled
+        request's computed tokens stay in the prefix cache: a chat stopped mid-reply goes on from there."""
+        self._remove(request, keep=error is None)
+        if error is None:
+            request.end(RequestState.CANCELLED, "abort")
+        else:
+            request.fail(error)
 
-    def preempt_newest(self) -> list[int]:
-        """Preempt the most recently admitted request now; returns the sequences whose cells must be freed."""
-        plan = Plan()
-        self._preempt(plan, self.running[-1])
-        return plan.freed_seq_ids
+    def fail_all(self, requests, message: str) -> None:
+        for request in requests:
+            if not request.state.done:
+                self.abort(request, message)
 
-    def _preempt(self, plan: Plan, request: Request) -> None:
+    def preempt_newest(self) -> None:
+        self._preempt(self.running[-1])
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_cache()
+
+    def _remove(self, request: Request, keep: bool) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.release_all(request, keep)
+
+    def _preempt(self, request: Request) -> None:
         log.info("preempting request %s (%d cells) to make room; it will be recomputed",
-                 request.request_id, request.kv_cells)
-        plan.freed_seq_ids += self.remove(request)
+                 request.request_id, self.kv.held(request))
+        self._remove(request, keep=True)
         request.reset_for_recompute()
-        plan.preempted.append(request)
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _fail(self, plan: Plan, request: Request, message: str) -> None:
         log.warning("request %s failed: %s", request.request_id, message)
-        plan.freed_seq_ids += self.remove(request)
+        self._remove(request, keep=False)
         request.fail(message)
         plan.failed.append(request)

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..core import Batch
 from ..models import ModelAdapter
+from .kv_ops import KvOp, SeqCp
 from .scheduler import Chunk
 
 
@@ -40,15 +41,10 @@ class Worker:
                                 logits=np.concatenate(wants)))
         return self.model.logits()
 
-    def free(self, seq_ids: Sequence[int]) -> None:
-        """Drop every cell of these sequences."""
-        for seq in seq_ids:
-            self.model.kv_seq_rm(seq)
-
-    def truncate(self, seq: int, n_tokens: int) -> None:
-        """Drop the sequence's cells from position n_tokens on."""
-        self.model.kv_seq_rm(seq, n_tokens, -1)
-
-    def share_prefix(self, src: int, dst: int, n_tokens: int) -> None:
-        """Let sequence dst use src's cells for positions [0, n_tokens) (no copy: the cells are shared)."""
-        self.model.kv_seq_cp(src, dst, 0, n_tokens)
+    def apply(self, ops: Sequence[KvOp]) -> None:
+        """Apply KV operations to the core's cell map, in order."""
+        for op in ops:
+            if isinstance(op, SeqCp):
+                self.model.kv_seq_cp(op.src, op.dst, op.p0, op.p1)
+            else:
+                self.model.kv_seq_rm(op.seq, op.p0, op.p1)
