@@ -63,7 +63,8 @@ def cmd_serve(args) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, n_ctx=args.ctx,
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, n_threads=args.threads,
         kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout,
-        enable_prefix_caching=False if args.no_prefix_caching else None)
+        enable_prefix_caching=False if args.no_prefix_caching else None,
+        prefix_cache_max_cells=args.prefix_cache_max_cells)
     if config.model is not None and not (Path(config.model) / "config.json").is_file():
         raise ValueError(f"{config.model} is not a model directory (no config.json)")
     hyper = Config()
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default=None)
     srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None)
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")
+    srv.add_argument("--prefix-cache-max-cells", type=int, default=None,
+                     help="cached KV cells kept that no running request uses (default: as many as are free)")
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -102,7 +102,11 @@ async def test_stream_pieces_concatenate_to_the_non_streamed_text(server):
     assert stream_text(events) == whole["choices"][0]["message"]["content"]
     finish = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
     assert finish == [whole["choices"][0]["finish_reason"]]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and {**usage, "prompt_tokens_details": None} == {
+        **whole["usage"], "prompt_tokens_details": None}
+    # The same prompt again: every prompt token but the last comes from the prefix cache.
+    assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] - 1}
     assert all(c["usage"] is None for c in chunks[:-1])
     # Without include_usage: no usage chunk and no usage field.
     plain = await stream(server, CHAT, {**body, "stream": True})

@@ -3,6 +3,9 @@
 One background task runs engine steps while requests wait; each blocking step runs in a worker
 thread so the event loop stays responsive. Submissions and aborts are queued by the event loop
 and applied between steps, so the engine itself is only ever touched by one thread at a time.
+Callers get copies: streams rebuild each request's output from its increments, and the client
+methods (tokenize, detokenize, chat_prompt, the limits) use a tokenizer of their own behind a
+lock, so a server may call them from any thread while the engine steps.
 
     async with AsyncLLM.from_engine_args(EngineArgs(model=path)) as engine:
         final = await engine.generate("Hello", SamplingParams(max_tokens=32))
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from typing import Optional
 
 import anyio
@@ -21,8 +25,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .config import EngineArgs
 from .errors import EngineClosedError, EngineOverloadedError, RequestFailedError
-from .llm_engine import EngineStats, LLMEngine, PromptType
-from .outputs import RequestOutput
+from .llm_engine import EngineStats, LLMEngine, PromptType, chat_text, check_ids, prompt_ids
+from .outputs import OutputAccumulator, RequestOutput
 from .request import Request, RequestState
 from .sampling_params import SamplingParams
 
@@ -33,12 +37,15 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.max_waiting = engine.args.max_waiting
+        self._text = engine.adapter.with_own_tokenizer()  # fast tokenizers must not be shared across threads
+        self._text_lock = threading.Lock()
         self._pending: list[Request] = []  # submitted, not yet handed to the engine
         self._aborts: list[str] = []
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput]] = {}
         self._wake = anyio.Event()
         self._task_group: Optional[anyio.abc.TaskGroup] = None
         self._stats = engine.stats()
+        self._generation_defaults = engine.adapter.generation_defaults
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
@@ -73,16 +80,14 @@ class AsyncLLM:
         Raises ValueError (bad prompt or parameters), EngineOverloadedError (queue full),
         RequestFailedError (the engine could not finish it).
         """
-        request, receive = self._submit(prompt, params, request_id)
-        try:
-            async with receive:
-                async for _ in receive:
-                    pass
-        finally:
-            self._abort_unless_done(request)
-        if request.state is RequestState.FAILED:
-            raise RequestFailedError(f"request {request.request_id} failed: {request.error}")
-        return request.take_output(delta=False)
+        stream = self.stream(prompt, params, request_id)
+        async with stream:
+            async for _ in stream:
+                pass
+        out = stream.output()
+        if out.state == RequestState.FAILED.value:
+            raise RequestFailedError(f"request {out.request_id} failed: {out.error}")
+        return out
 
     def stream(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                request_id: Optional[str] = None) -> "RequestStream":
@@ -104,13 +109,42 @@ class AsyncLLM:
         """The engine's counters as of its last step, with the current queue length."""
         return dataclasses.replace(self._stats, num_waiting=self._stats.num_waiting + len(self._pending))
 
+    # the client interface: safe from any thread
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """A prompt's text (None when given as ids) and its checked ids; ValueError naming the problem."""
+        with self._text_lock:
+            return prompt_ids(prompt, self._text.encode, self.engine.vocab_size)
+
+    def detokenize(self, ids: list[int]) -> str:
+        with self._text_lock:
+            return self._text.decode(check_ids(ids, self.engine.vocab_size))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """A conversation in the model's chat template, ready for generation."""
+        with self._text_lock:
+            return chat_text(messages, self._text.chat_text)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.args.max_num_seqs
+
+    @property
+    def generation_defaults(self) -> dict:
+        """The model's generation-config sampling defaults."""
+        return dict(self._generation_defaults)
+
     def _submit(self, prompt, params, request_id) -> tuple[Request, MemoryObjectReceiveStream]:
         if not self.running:
             raise EngineClosedError("the engine is not running (use `async with engine:`)")
         if self.max_waiting is not None and len(self.engine.scheduler.waiting) + len(self._pending) >= self.max_waiting:
             raise EngineOverloadedError(f"the server is overloaded: {self.max_waiting} requests are already "
                                         f"waiting; try again later")
-        request = self.engine.make_request(prompt, params, request_id)
+        text, ids = self.tokenize(prompt)
+        request = self.engine.make_request({"prompt": text, "prompt_token_ids": ids}, params, request_id)
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
@@ -119,11 +153,11 @@ class AsyncLLM:
         self._wake.set()
         return request, receive
 
-    def _abort_unless_done(self, request: Request) -> None:
+    def _abort_unless_done(self, stream: "RequestStream") -> None:
         # Only a list append: this may run from a finalizer, outside the event loop. The loop is
         # stepping while the request is unfinished, so it sees the abort before its next step.
-        if not request.state.done and self.running:
-            self._aborts.append(request.request_id)
+        if not (stream.finished or stream.request.state.done) and self.running:
+            self._aborts.append(stream.request_id)
 
     # the loop
     async def _loop(self) -> None:
@@ -174,6 +208,7 @@ class AsyncLLM:
         """At shutdown: cancel every request and end every stream."""
         for request in self._pending:
             request.end(RequestState.CANCELLED, "abort")
+        self._deliver([request.take_output(delta=True) for request in self._pending])
         self._pending = []
         outputs = [self.engine.abort_request(rid) for rid in list(self.engine.requests)]
         self._deliver([o for o in outputs if o is not None])
@@ -187,31 +222,35 @@ class RequestStream:
 
     def __init__(self, owner: AsyncLLM, request: Request, receive: MemoryObjectReceiveStream):
         self._owner = owner
-        self.request = request
+        self.request = request  # the engine's: only its id and whether it is done are read here
+        self.request_id = request.request_id
+        self._accumulator = OutputAccumulator(request.take_output(delta=False))  # before the engine has it
         self._receive = receive
 
     @property
-    def request_id(self) -> str:
-        return self.request.request_id
+    def finished(self) -> bool:
+        return self._accumulator.output.finished
 
     def output(self) -> RequestOutput:
-        """Everything the request produced so far (cumulative, not an increment)."""
-        return self.request.take_output(delta=False)
+        """Everything the request produced so far, as received (cumulative, not an increment)."""
+        return self._accumulator.output
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
         try:
-            return await self._receive.receive()
+            delta = await self._receive.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
         except BaseException:  # cancelled while waiting: the request goes too
-            self._owner._abort_unless_done(self.request)
+            self._owner._abort_unless_done(self)
             raise
+        self._accumulator.add(delta)
+        return delta
 
     async def aclose(self) -> None:
-        self._owner._abort_unless_done(self.request)
+        self._owner._abort_unless_done(self)
         self._receive.close()
 
     async def __aenter__(self) -> "RequestStream":
@@ -221,4 +260,4 @@ class RequestStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        self._owner._abort_unless_done(self.request)
+        self._owner._abort_unless_done(self)

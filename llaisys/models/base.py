@@ -1,6 +1,7 @@
 """What every model adapter provides: a core model with its weights, a tokenizer, a chat template."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -82,6 +83,11 @@ class ModelAdapter:
         names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                  "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
         return {ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None}
+
+    def with_own_tokenizer(self) -> "ModelAdapter":
+        """The same adapter with a tokenizer of its own (same model), for a second thread: a fast
+        tokenizer used from two threads at once fails ("Already borrowed")."""
+        return copy.copy(self)
 
     def chat_token_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation formatted with the model's chat template."""

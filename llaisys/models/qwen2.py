@@ -5,6 +5,7 @@ slots in their stored dtype (bf16, f16 or f32).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -162,6 +163,11 @@ class Qwen2Adapter(ModelAdapter):
     @property
     def max_context(self) -> int:
         return min(self.config.get("max_position_embeddings", 32768), self.model.params.n_ctx)
+
+    def with_own_tokenizer(self) -> "Qwen2Adapter":
+        clone = super().with_own_tokenizer()
+        clone.tokenizer = copy.deepcopy(self.tokenizer)
+        return clone
 
     def _need_tokenizer(self):
         if self.tokenizer is None:

@@ -117,7 +117,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     async def models():
         engine = service.ready()
         return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llaisys", "max_model_len": engine.engine.max_model_len}]}
+                                            "owned_by": "llaisys", "max_model_len": engine.max_model_len}]}
 
     async def model_call() -> tuple[AsyncLLM, dict[str, Any]]:
         """The running engine and the checked JSON body of a call that names (or defaults) the model."""
@@ -146,26 +146,26 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             if not text:
                 raise bad_request("'prompt' (a non-empty string) or 'messages' is required", param="prompt")
         _, ids = await tokenized(engine, text, "prompt")
-        return {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize():
         engine, body = await model_call()
         try:
             ids = parse_token_ids(body)
-            return {"prompt": await anyio.to_thread.run_sync(engine.engine.detokenize, ids, limiter=tokenizing)}
+            return {"prompt": await anyio.to_thread.run_sync(engine.detokenize, ids, limiter=tokenizing)}
         except ValueError as e:
             raise bad_request(str(e), param="tokens")
 
     async def generate(engine: AsyncLLM, gen: GenerationRequest, chat: bool):
         builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs)
         prompt_param = "messages" if chat else "prompt"
-        if gen.params.n > engine.engine.args.max_num_seqs:
-            raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.engine.args.max_num_seqs} sequences this "
+        if gen.params.n > engine.max_num_seqs:
+            raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.max_num_seqs} sequences this "
                               f"server runs at once", param="n")
         prompts = [await tokenized(engine, p, prompt_param) for p in gen.prompts]
         for _, ids in prompts:
-            check_length(len(ids), gen.params.max_tokens, engine.engine.max_model_len, prompt_param)
+            check_length(len(ids), gen.params.max_tokens, engine.max_model_len, prompt_param)
         streams = submit(engine, gen, prompts, builder.id)
         if gen.stream:
             return Response(sse_events(gen, builder, streams), content_type="text/event-stream",
@@ -178,12 +178,12 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
         """A prompt's text and ids, tokenized in a worker thread (one at a time) so that a long prompt
         never stalls the event loop and the streams it serves."""
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
-        limit = MAX_CHARS_PER_TOKEN * engine.engine.max_model_len
+        limit = MAX_CHARS_PER_TOKEN * engine.max_model_len
         if isinstance(text, str) and len(text) > limit:
-            raise bad_request(f"the prompt has {len(text)} characters, more than the {engine.engine.max_model_len}-"
+            raise bad_request(f"the prompt has {len(text)} characters, more than the {engine.max_model_len}-"
                               f"token context could hold ({limit})", param=param)
         try:
-            return await anyio.to_thread.run_sync(engine.engine.tokenize, prompt, limiter=tokenizing)
+            return await anyio.to_thread.run_sync(engine.tokenize, prompt, limiter=tokenizing)
         except ValueError as e:
             raise bad_request(str(e), param=param)
 
@@ -297,7 +297,7 @@ def check_length(prompt_tokens: int, max_tokens: Optional[int], max_model_len: i
 
 def chat_prompt(engine: AsyncLLM, messages: list[dict[str, str]]) -> str:
     try:
-        return engine.engine.chat_prompt(messages)
+        return engine.chat_prompt(messages)
     except TemplateError as e:
         raise bad_request(f"the chat template rejected the messages: {e}", param="messages")
 

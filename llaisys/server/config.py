@@ -31,6 +31,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LLAISYS_WEIGHT_DTYPE": ("weight_dtype", str),
     "LLAISYS_REQUEST_TIMEOUT": ("request_timeout", float),
     "LLAISYS_PREFIX_CACHING": ("enable_prefix_caching", _flag),
+    "LLAISYS_PREFIX_CACHE_MAX_CELLS": ("prefix_cache_max_cells", int),
+    "LLAISYS_PREFIX_CACHE_SEQS": ("prefix_cache_seqs", int),
 }
 KINDS = {int: "an integer", float: "a number", _flag: "1/0, true/false, yes/no or on/off"}
 
@@ -42,7 +44,8 @@ class ServerConfig:
     api_key:           when set, every /v1/* request needs `Authorization: Bearer <key>`
                        (a comma-separated list allows several keys).
     request_timeout:   seconds a request may run before it is aborted; 0 = no limit.
-    enable_prefix_caching: keep finished conversations' KV cells for the next turn (see the engine).
+    enable_prefix_caching: keep computed prompts' and replies' KV cells for later requests that start
+                       the same way (a shared system prompt, a chat's next turn; see the engine).
     The rest are the engine's limits (see EngineArgs).
     """
 
@@ -59,6 +62,8 @@ class ServerConfig:
     weight_dtype: Optional[str] = None
     request_timeout: float = 600.0
     enable_prefix_caching: bool = True
+    prefix_cache_max_cells: Optional[int] = None
+    prefix_cache_seqs: int = 256
 
     def __post_init__(self) -> None:
         if self.request_timeout < 0:

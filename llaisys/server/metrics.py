@@ -46,8 +46,12 @@ class EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cells in use (1 = full).", s.kv_usage)
         yield gauge("kv_cache_used_cells", "KV cells in use.", s.kv_used_cells)
-        yield gauge("kv_cache_cached_cells", "KV cells held by the prefix cache (free for the taking).",
-                    s.kv_cached_cells)
+        yield gauge("kv_cache_cached_cells", "KV cells held by the prefix cache that nothing running uses "
+                    "(free for the taking).", s.kv_cached_cells)
+        yield gauge("prefix_cache_cells", "KV cells held by the prefix cache, shared with running requests or not.",
+                    s.prefix_cache_cells)
+        yield gauge("prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens, since start.",
+                    s.prefix_cache_hit_rate)
         yield gauge("kv_cache_capacity_cells", "KV cells in all.", s.kv_capacity)
         yield counter("prompt_tokens", "Prompt tokens of scheduled requests (cached ones included).",
                       s.prompt_tokens_total)

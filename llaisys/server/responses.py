@@ -101,10 +101,13 @@ class ResponseBuilder:
                 "text_offset": offsets}
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """OpenAI's usage: token counts, with the prompt tokens whose KV came from the prefix cache."""
     prompt = sum(len(out.prompt_token_ids) for out in outputs)
     completion = sum(out.metrics.num_generated_tokens for out in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(out.metrics.num_cached_tokens for out in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _token(lp) -> dict[str, Any]:

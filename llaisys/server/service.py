@@ -8,7 +8,7 @@ from typing import Optional
 
 import anyio
 
-from ..engine import AsyncLLM, LLMEngine
+from ..engine import AsyncLLM
 from .config import ServerConfig
 from .errors import APIError
 
@@ -51,29 +51,29 @@ class ModelService:
 
     async def _run(self) -> None:
         try:
-            engine = await anyio.to_thread.run_sync(self._load)
+            llm = await anyio.to_thread.run_sync(self._load)
         except Exception as e:
             log.exception("loading the model failed")
             self.load_error = str(e) or type(e).__name__
             return
-        async with AsyncLLM(engine) as llm:
-            self.defaults = engine.adapter.generation_defaults
+        async with llm:
+            self.defaults = llm.generation_defaults
             self.engine = llm
             log.info("serving %s (%d KV cells, up to %d sequences at once, max model length %d)", self.model_name,
-                     engine.worker.kv_capacity, engine.args.max_num_seqs, engine.max_model_len)
+                     llm.stats().kv_capacity, llm.max_num_seqs, llm.max_model_len)
             try:
                 await self._stop.wait()
             finally:
                 self.engine = None
 
-    def _load(self) -> LLMEngine:
+    def _load(self) -> AsyncLLM:
         model = self.config.model
         if model is None:
             from ..models.default_model import fetch_model
 
             model = fetch_model()
         log.info("loading %s", model)
-        return LLMEngine.from_engine_args(self.config.engine_args(Path(model)))
+        return AsyncLLM.from_engine_args(self.config.engine_args(Path(model)))
 
 
 def _model_name(model: Optional[str]) -> str:
