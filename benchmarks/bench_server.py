@@ -9,7 +9,16 @@ The requests come from a seeded generator, one sequence per client: chat-like pr
 sentence to a paragraph, max_tokens 64..256, no ignore_eos (replies may end early; tokens are
 counted from usage, so that is fair to both servers). With --turns K each client holds
 conversations of K turns, resending the whole history with the replies it got, as a chat page
-does (this is where a prompt cache pays).
+does (this is where a prompt cache pays); --turns 3 6 draws each conversation's length from 3..6.
+--system-prompt starts every conversation with one long shared system prompt (a coding
+assistant's, about 600 tokens), as agents and editor plugins do.
+
+Prompt caching: every request's usage.prompt_tokens_details.cached_tokens (both servers report
+it) gives the hit rate, cached / prompt tokens. The optimum for the workload, against which it is
+judged, counts for each request what any cache could reuse: on a follow-up turn the whole previous
+turn (its prompt and reply, less the reply's last token, which is never computed), on a first
+turn the system prompt's share with earlier conversations (measured with the server's /tokenize).
+TTFT is also reported for follow-up turns alone (the turns a cache speeds up).
 
 Timing: clients start together; the first --warmup seconds are not counted (the server fills up
 and the clients drift apart); then a window of --duration seconds is measured; at its end no new
@@ -57,8 +66,12 @@ llaisys's server limits: 32 slots sharing one 16384-cell KV cache, steps of at m
 
 and the same with -m /tmp/peer/qwen2.5-coder-0.5b-instruct-bf16.gguf. The chat template is applied
 by each server itself (llama-server uses the GGUF's copy of the same template). A second llaisys
-without its prefix cache is a peer too:
---peer-name llaisys-no-cache --peer-cmd "llaisys serve --port {port} --no-prefix-caching".
+without its prefix cache is a peer too, and several peers run side by side (--peer-name and
+--peer-cmd given once per peer; ratios are printed against each):
+
+    python benchmarks/bench_server.py --system-prompt --turns 3 6 --clients 4 \
+        --peer-name llaisys-no-cache --peer-cmd "llaisys serve --port {port} --no-prefix-caching" \
+        --peer-name llama.cpp --peer-cmd "/tmp/peer/build/bin/llama-server ..."
 """
 from __future__ import annotations
 
@@ -82,7 +95,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.http_client import Connection
-from tests.server_process import free_port, get_json, poll_health, running_server, stop_server
+from tests.server_process import free_port, get_json, poll_health, post_json, running_server, stop_server
 
 log = logging.getLogger("bench_server")
 
@@ -122,6 +135,43 @@ REQUESTS = [
 ]
 
 
+# A coding assistant's system prompt (about 600 tokens), shared by every conversation with --system-prompt.
+SYSTEM_PROMPT = " ".join([
+    "You are CodeMate, a senior software engineer who pairs with developers inside their editor.",
+    "Follow these rules in every answer.",
+    "1. Read the question twice and answer exactly what was asked; if it is ambiguous, state the assumption you make.",
+    "2. Prefer the standard library of the language in use; add a dependency only when it saves real work, and name it.",
+    "3. Show complete, runnable code in fenced blocks with the language named; never leave placeholders such as TODO.",
+    "4. Keep functions short, names descriptive, and comments about why rather than what.",
+    "5. Handle errors explicitly: validate inputs at the boundary, raise or return errors with messages that name the",
+    "problem, and never swallow exceptions silently.",
+    "6. Point out edge cases: empty inputs, very large inputs, unicode, time zones, concurrency, and partial failure.",
+    "7. When performance matters, give the time and memory complexity, and say what you would measure before",
+    "optimising; do not guess at bottlenecks.",
+    "8. For tests, use the project's framework (pytest for Python, the built-in test runner for Go and Rust, JUnit for",
+    "Java); each test checks one behaviour, can fail, and does not depend on wall-clock time or test order.",
+    "9. For shell commands, assume bash on Linux, quote variables, and use set -euo pipefail in scripts.",
+    "10. For SQL, use parameterised queries, explain which index serves the query, and mention transaction isolation",
+    "when it matters.",
+    "11. Security comes first: never log secrets, never build commands or queries by string concatenation from user",
+    "input, and prefer safe defaults for file permissions and network exposure.",
+    "12. When you change existing code, show a minimal diff or the whole function, and explain the change in one or two",
+    "sentences.",
+    "13. When you are not sure an API exists or behaves as you remember, say so and suggest how to check it.",
+    "14. Be concise: a short paragraph of explanation, then the code, then a list of caveats if there are any.",
+    "15. Match the style of the surrounding code: its naming, its formatting, its error handling, and its logging.",
+    "16. If the user asks for a review, list the problems by severity, each with the line it concerns and a fix.",
+    "17. If the user asks for an explanation, start from what they likely know, use one small example, and avoid",
+    "jargon they did not use.",
+    "18. Never invent benchmark numbers, version numbers or citations.",
+    "19. When a question is about design, give two options with their trade-offs and recommend one.",
+    "20. End every answer that contains code with one sentence on how to run or test it.",
+    "The developer you are helping works on a mid-sized codebase with Python services, a Go command-line tool, some",
+    "Rust for performance-critical parsing, PostgreSQL for storage, and GitHub Actions for continuous integration.",
+    "They value correctness over cleverness and readable code over short code.",
+])
+
+
 @dataclasses.dataclass
 class Spec:
     messages: list[dict[str, str]]
@@ -147,6 +197,9 @@ class Record:
     chunks: list[float] = dataclasses.field(default_factory=list)  # arrivals of content-bearing chunks
     tokens: int = 0  # completion_tokens of the usage chunk
     prompt_tokens: int = 0  # prompt_tokens of the usage chunk
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
+    turn: int = 1  # of its conversation
+    optimum: int = 0  # cached tokens the best possible cache would give (see the module docstring)
     text: str = ""  # the reply (for the next turn of a conversation)
     error: str | None = None
 
@@ -211,6 +264,7 @@ async def exchange(server: Server, payload: dict, rec: Record) -> None:
             if event.get("usage"):
                 rec.tokens = event["usage"]["completion_tokens"]
                 rec.prompt_tokens = event["usage"]["prompt_tokens"]
+                rec.cached_tokens = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         if not done:
             rec.error = "broken stream"
         elif not rec.tokens and rec.chunks:
@@ -220,28 +274,38 @@ async def exchange(server: Server, payload: dict, rec: Record) -> None:
 
 
 async def load(server: Server, clients: int, warmup: float, duration: float, seed: int, temperature: float,
-               timeout: float, turns: int = 1) -> tuple[list[Record], float, float]:
+               timeout: float, turns: tuple[int, int] = (1, 1), system: str | None = None,
+               shared_system: int = 0) -> tuple[list[Record], float, float]:
     """Run `clients` looping clients; returns all records and the measured window (start, end).
 
-    turns > 1: each client holds conversations of that many turns, resending the whole history
-    (with the replies it got) each turn, as a chat page does; then it starts a new one.
+    turns (low, high): each client holds conversations of low..high turns (seeded), resending the
+    whole history (with the replies it got) each turn, as a chat page does; then it starts a new one.
+    system: a system prompt opening every conversation, of which shared_system tokens are common to all.
     """
     start = time.perf_counter()
     window = (start + warmup, start + warmup + duration)
     records: list[Record] = []
 
     async def client(c: int) -> None:
-        history: list[dict[str, str]] = []
+        rng = random.Random(seed * 7 + c)
+        opening = [{"role": "system", "content": system}] if system else []
+        history, length, previous = opening, rng.randint(*turns), None
         for spec in request_specs(seed, c):
             if time.perf_counter() >= window[1]:
                 return
             spec.messages = history + spec.messages
-            records.append(rec := await one_request(server, spec, temperature, timeout))
+            turn = 1 if previous is None else previous.turn + 1
+            rec = await one_request(server, spec, temperature, timeout)
+            rec.turn = turn
+            reusable = previous.prompt_tokens + previous.tokens - 1 if previous else shared_system if records else 0
+            rec.optimum = max(0, min(reusable, rec.prompt_tokens - 1))
+            records.append(rec)
             if rec.error is not None:
                 await asyncio.sleep(0.1)  # no hot loop against a server that refuses everything
-            done_turns = len(spec.messages) // 2 + 1
-            history = [] if rec.error or done_turns >= turns else spec.messages + [
-                {"role": "assistant", "content": rec.text}]
+            if rec.error or turn >= length:
+                history, length, previous = opening, rng.randint(*turns), None
+            else:
+                history, previous = spec.messages + [{"role": "assistant", "content": rec.text}], rec
 
     async def progress() -> None:
         while True:
@@ -273,6 +337,9 @@ class Result:
     ttft: np.ndarray  # seconds
     itl: np.ndarray
     tpot: np.ndarray
+    ttft_follow_up: np.ndarray  # TTFT of turns after a conversation's first
+    hit_rate: float  # cached / prompt tokens of the completed requests
+    optimum: float  # the best hit rate any cache could reach on them
 
 
 def summarize(server: str, clients: int, records: list[Record], t0: float, t1: float) -> Result:
@@ -297,7 +364,14 @@ def summarize(server: str, clients: int, records: list[Record], t0: float, t1: f
         np.array([r.chunks[0] - r.start for r in records if r.chunks and inside(r.chunks[0])]),
         np.array([b - a for r in records for a, b in zip(r.chunks, r.chunks[1:]) if inside(b)]),
         np.array([(r.chunks[-1] - r.chunks[0]) / (r.tokens - 1) for r in completed
-                  if len(r.chunks) > 1 and r.tokens > 1]))
+                  if len(r.chunks) > 1 and r.tokens > 1]),
+        np.array([r.chunks[0] - r.start for r in records if r.turn > 1 and r.chunks and inside(r.chunks[0])]),
+        ratio_of(sum(r.cached_tokens for r in completed), sum(r.prompt_tokens for r in completed)),
+        ratio_of(sum(r.optimum for r in completed), sum(r.prompt_tokens for r in completed)))
+
+
+def ratio_of(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def pct(values: np.ndarray, q: float) -> float:
@@ -346,23 +420,28 @@ def num(value: float, width: int, digits: int = 1, suffix: str = "") -> str:
 
 def print_results(results: list[Result], args) -> None:
     w = max(len("server"), *(len(r.server) for r in results))
+    turns = "-".join(str(t) for t in dict.fromkeys(args.turns))
     print(f"\n{args.duration:g} s measured after {args.warmup:g} s of warmup, temperature {args.temperature:g}, "
-          f"seed {args.seed}, {args.turns} turn(s) per conversation, best tokens/s of {args.rounds} round(s); "
-          f"times in ms, prompt = mean prompt tokens")
+          f"seed {args.seed}, {turns} turn(s) per conversation{', a shared system prompt' if args.system_prompt else ''}"
+          f", best tokens/s of {args.rounds} round(s); times in ms, prompt = mean prompt tokens, hit = cached / "
+          f"prompt tokens (opt = the best any cache could do), TTFT 2+ = follow-up turns")
     print(f"{'server':<{w}} {'N':>3} {'done':>5} {'drained':>7} {'req/s':>6} {'tok/s':>7} {'tok/req':>7} "
-          f"{'prompt':>6} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'TPOT p50':>9} errors")
+          f"{'prompt':>6} {'hit':>5} {'opt':>5} {'TTFT p50':>9} {'p99':>7} {'2+ p50':>7} {'p99':>7} {'ITL p50':>8} "
+          f"{'p99':>7} {'TPOT p50':>9} errors")
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         print(f"{r.server:<{w}} {r.clients:3d} {r.completed:5d} {r.drained:7d} {num(r.requests_per_s, 6, 2)} "
               f"{num(r.tokens_per_s, 7)} {num(r.tokens_per_request, 7)} {num(r.prompt_tokens_per_request, 6, 0)} "
-              f"{num(pct(r.ttft, 50), 9)} "
-              f"{num(pct(r.ttft, 99), 7)} {num(pct(r.itl, 50), 8)} {num(pct(r.itl, 99), 7)} "
-              f"{num(pct(r.tpot, 50), 9)} {errors}")
+              f"{num(100 * r.hit_rate, 4, 0, '%')} {num(100 * r.optimum, 4, 0, '%')} "
+              f"{num(pct(r.ttft, 50), 9)} {num(pct(r.ttft, 99), 7)} "
+              f"{num(pct(r.ttft_follow_up, 50), 7)} {num(pct(r.ttft_follow_up, 99), 7)} "
+              f"{num(pct(r.itl, 50), 8)} {num(pct(r.itl, 99), 7)} {num(pct(r.tpot, 50), 9)} {errors}")
 
 
 def print_ratios(results: list[Result], peer: str) -> None:
     print(f"\nratios llaisys / {peer} (tok/s and req/s: above 1 favours llaisys; TTFT and ITL: below 1 does)")
-    print(f"{'N':>3} {'tok/s':>7} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    print(f"{'N':>3} {'tok/s':>7} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'2+ p50':>7} {'2+ p99':>7} "
+          f"{'ITL p50':>8} {'ITL p99':>8}")
     by_key = {(r.server, r.clients): r for r in results}
     ratio = lambda x, y, width: num(x / y if y else float("nan"), width, 2, "x")
     for n in sorted({r.clients for r in results}):
@@ -371,7 +450,21 @@ def print_ratios(results: list[Result], peer: str) -> None:
             continue
         print(f"{n:3d} {ratio(a.tokens_per_s, b.tokens_per_s, 7)} {ratio(a.requests_per_s, b.requests_per_s, 7)} "
               f"{ratio(pct(a.ttft, 50), pct(b.ttft, 50), 9)} {ratio(pct(a.ttft, 99), pct(b.ttft, 99), 9)} "
+              f"{ratio(pct(a.ttft_follow_up, 50), pct(b.ttft_follow_up, 50), 7)} "
+              f"{ratio(pct(a.ttft_follow_up, 99), pct(b.ttft_follow_up, 99), 7)} "
               f"{ratio(pct(a.itl, 50), pct(b.itl, 50), 8)} {ratio(pct(a.itl, 99), pct(b.itl, 99), 8)}")
+
+
+def shared_system_tokens(server: Server, system: str) -> int:
+    """Tokens two conversations opening with `system` share, by llaisys's /tokenize (chat template applied)."""
+    ids = []
+    for text in ("a", "b"):
+        status, body = post_json(f"{server.base_url}/tokenize", {"messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": text}]})
+        if status != 200:
+            raise RuntimeError(f"{server.name}: /tokenize answered {status}: {body}")
+        ids.append(body["tokens"])
+    return next((i for i, (x, y) in enumerate(zip(*ids)) if x != y), min(map(len, ids)))
 
 
 def main() -> None:
@@ -387,20 +480,29 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded sampling with top_p 0.95")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best tokens/s is kept")
-    parser.add_argument("--turns", type=int, default=1, help="turns per conversation: > 1 resends the growing "
-                        "history each turn, like a chat page")
+    parser.add_argument("--turns", type=int, nargs="+", default=[1], help="turns per conversation (or a range LOW "
+                        "HIGH): > 1 resends the growing history each turn, like a chat page")
+    parser.add_argument("--system-prompt", action="store_true", help="open every conversation with one long shared "
+                        "system prompt")
     peer = parser.add_mutually_exclusive_group()
-    peer.add_argument("--peer-cmd", default=None, help="command line starting the peer's server, with {port}")
+    peer.add_argument("--peer-cmd", action="append", default=[], help="command line starting a peer's server, with "
+                      "{port} (once per peer)")
     peer.add_argument("--peer-url", default=None, help="an already running peer server")
-    parser.add_argument("--peer-name", default="peer", help="the peer's name in the tables")
+    parser.add_argument("--peer-name", action="append", default=[], help="the peers' names in the tables, in order")
     args = parser.parse_args()
+    if len(args.turns) > 2 or min(args.turns) < 1:
+        parser.error("--turns takes one or two positive numbers")
+    turns = (min(args.turns), max(args.turns))
+    system = SYSTEM_PROMPT if args.system_prompt else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     with contextlib.ExitStack() as stack:
         servers = [Server("llaisys", stack.enter_context(llaisys_server(args)))]
-        if args.peer_cmd or args.peer_url:
-            url = args.peer_url or stack.enter_context(peer_process(args.peer_cmd))
-            servers.append(Server(args.peer_name, url))
+        shared = shared_system_tokens(servers[0], system) if system else 0
+        peers = [(None, args.peer_url)] if args.peer_url else [(cmd, None) for cmd in args.peer_cmd]
+        for i, (cmd, url) in enumerate(peers):
+            name = args.peer_name[i] if i < len(args.peer_name) else f"peer{i + 1}" if len(peers) > 1 else "peer"
+            servers.append(Server(name, url or stack.enter_context(peer_process(cmd))))
         for s in servers:
             log.info("%s: %s serving %s", s.name, s.base_url, s.model)
         best: dict[tuple[str, int], Result] = {}
@@ -410,7 +512,7 @@ def main() -> None:
                 for s in order:
                     log.info("round %d/%d: %s with %d client(s) ...", r + 1, args.rounds, s.name, n)
                     records, t0, t1 = asyncio.run(load(s, n, args.warmup, args.duration, args.seed,
-                                                       args.temperature, args.timeout, args.turns))
+                                                       args.temperature, args.timeout, turns, system, shared))
                     res = summarize(s.name, n, records, t0, t1)
                     log.info("round %d/%d: %s N=%d: %.1f tok/s, %.2f req/s, %d errors", r + 1, args.rounds, s.name,
                              n, res.tokens_per_s, res.requests_per_s, sum(res.errors.values()))
@@ -419,8 +521,8 @@ def main() -> None:
                         best[key] = res
     results = [best[(s.name, n)] for n in args.clients for s in servers]
     print_results(results, args)
-    if len(servers) > 1:
-        print_ratios(results, servers[1].name)
+    for peer in servers[1:]:
+        print_ratios(results, peer.name)
 
 
 if __name__ == "__main__":

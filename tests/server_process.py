@@ -24,8 +24,18 @@ def free_port() -> int:
 
 def get_json(url: str, timeout: float = 10.0) -> tuple[int, dict]:
     """GET url; (status, parsed JSON body) for success and HTTP errors alike."""
+    return _json_exchange(urllib.request.Request(url), timeout)
+
+
+def post_json(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+    """POST a JSON body to url; (status, parsed JSON body) for success and HTTP errors alike."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return _json_exchange(request, timeout)
+
+
+def _json_exchange(request: urllib.request.Request, timeout: float) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")

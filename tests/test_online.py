@@ -228,6 +228,38 @@ async def test_a_chats_next_turn_reuses_the_cells_of_the_last(server, mock_dir):
         assert metric(plain, "llaisys:prefix_cache_hits_total") == 0
 
 
+async def test_usage_reports_the_cached_prompt_tokens_on_chat_and_completions(server):
+    """usage.prompt_tokens_details.cached_tokens, streamed or not; the metrics count the same tokens."""
+    system = "You answer in one line. " * 12
+    prompt = [ord(c) for c in system]  # the mock's tokens are bytes
+    queries, hits = (metric(server, f"llaisys:prefix_cache_{m}_total") for m in ("queries", "hits"))
+    _, first = await call(server, "POST", COMPLETIONS, {"prompt": prompt + [1, 2], "max_tokens": 4})
+    _, again = await call(server, "POST", COMPLETIONS, {"prompt": prompt + [3], "max_tokens": 4})
+    events = await stream(server, COMPLETIONS, {"prompt": prompt + [4, 5], "max_tokens": 4, "stream": True,
+                                                "stream_options": {"include_usage": True}})
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < len(prompt)
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": len(prompt)}
+    assert events[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": len(prompt)}
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in (first["usage"], again["usage"],
+                                                                         events[-2]["usage"]))
+    assert metric(server, "llaisys:prefix_cache_hits_total") - hits == cached
+    assert metric(server, "llaisys:prefix_cache_queries_total") - queries == 3 * len(prompt) + 5
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    _, tokens = await call(server, "POST", "/tokenize", {"messages": chat})
+    await call(server, "POST", CHAT, {"messages": chat, "max_tokens": 4})
+    for streamed in (False, True):
+        body = {"messages": chat[:1] + [{"role": "user", "content": "yo" if streamed else "ok"}], "max_tokens": 4}
+        if streamed:
+            events = await stream(server, CHAT, {**body, "stream": True, "stream_options": {"include_usage": True}})
+            usage = events[-2]["usage"]
+        else:
+            usage = (await call(server, "POST", CHAT, body))[1]["usage"]
+        # The system prompt and the template up to the user's message, in the mock's chat format.
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(tokens["tokens"]) - len("hi\nassistant: ")
+    assert 0 < metric(server, "llaisys:prefix_cache_hit_rate") <= 1
+    assert metric(server, "llaisys:prefix_cache_cells") >= len(prompt)
+
+
 # errors: status, OpenAI's error shape, the field named; the server stays up and leaks nothing
 BAD_CHAT = [
     ("messages missing", {"model": "mock"}, "messages"),
