@@ -164,7 +164,7 @@ class Scheduler:
                 self.prompt_tokens_total += request.num_prompt_tokens
             self.running.append(request)
             leader = request.leader
-            self.kv.reclaim(planned + owed + need)
+            self.kv.reclaim(planned + min(leader.num_pending, budget))  # later steps reclaim what they need
             n = min(leader.num_pending, budget, self.kv.free - planned)
             if n > 0:
                 plan.chunks.append(Chunk(leader, leader.num_computed, n))
@@ -208,16 +208,8 @@ class Scheduler:
         else:
             request.fail(error)
 
-    def fail_all(self, requests, message: str) -> None:
-        for request in requests:
-            if not request.state.done:
-                self.abort(request, message)
-
     def preempt_newest(self) -> None:
         self._preempt(self.running[-1])
-
-    def reset_prefix_cache(self) -> None:
-        self.kv.reset_cache()
 
     def _remove(self, request: Request, keep: bool) -> None:
         if request in self.running:
