@@ -1,9 +1,11 @@
 """The official `openai` client against the server on the real default model."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from server_process import running_server
+from server_process import post_json, running_server
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -35,7 +37,11 @@ def test_real_chat_streams_the_same_greedy_text_as_the_offline_engine(client, de
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         choice.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (
+        reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    # The same prompt again: every prompt token but the last came from the prefix cache.
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
     from llaisys import LLM, SamplingParams
 
@@ -69,3 +75,38 @@ def test_real_errors_surface_as_the_clients_exception_types(client, server):
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
     assert [m.id for m in client.models.list()] == ["qwen"]
+
+
+def test_real_tokenizing_from_many_threads_while_replies_stream(client, server):
+    """/tokenize, /detokenize and chat rendering run in the server's threads while the engine steps
+    (a fast tokenizer shared across threads fails with "Already borrowed"): no error, exact round trips."""
+    text = "def area(r):\n    return 3.14159 * r * r  # ünïcödé ✓\n" * 30
+    errors = []
+
+    def tokenize_loop():
+        try:
+            for _ in range(15):
+                status, body = post_json(f"{server}/tokenize", {"model": "qwen", "prompt": text})
+                assert status == 200, body
+                status, back = post_json(f"{server}/detokenize", {"model": "qwen", "tokens": body["tokens"]})
+                assert status == 200 and back["prompt"] == text, back
+                status, _ = post_json(f"{server}/tokenize", {"model": "qwen", "messages": QUESTION})
+                assert status == 200
+        except Exception as e:  # noqa: BLE001 - any error is the failure being tested for
+            errors.append(e)
+
+    def chat_loop():
+        try:
+            for i in range(2):
+                stream = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": f"{i}"}],
+                                                        max_tokens=24, stream=True)
+                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=f) for f in (tokenize_loop, tokenize_loop, chat_loop, chat_loop)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
