@@ -47,10 +47,15 @@ _ERRORS = {
     lib.LLAISYS_NOT_READY: ModelNotReadyError,
 }
 
-DTYPES = {"f32": lib.LLAISYS_DTYPE_F32, "f16": lib.LLAISYS_DTYPE_F16, "bf16": lib.LLAISYS_DTYPE_BF16}
+FLOAT_DTYPES = {"f32": lib.LLAISYS_DTYPE_F32, "f16": lib.LLAISYS_DTYPE_F16, "bf16": lib.LLAISYS_DTYPE_BF16}
+# GGUF block types: only matrix weights, as raw blocks (uint8) with the shape in elements.
+BLOCK_DTYPES = {"q8_0": lib.LLAISYS_DTYPE_Q8_0, "q4_0": lib.LLAISYS_DTYPE_Q4_0, "q5_0": lib.LLAISYS_DTYPE_Q5_0,
+                "q4_k": lib.LLAISYS_DTYPE_Q4_K, "q6_k": lib.LLAISYS_DTYPE_Q6_K}
+DTYPES = {**FLOAT_DTYPES, **BLOCK_DTYPES}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # numpy has no bfloat16: bf16 data travels as its raw uint16 bits.
-NUMPY_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
+NUMPY_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16),
+                **{name: np.dtype(np.uint8) for name in BLOCK_DTYPES}}
 
 
 def last_error() -> str:
@@ -64,6 +69,39 @@ def _raise_for(code: int, what: str) -> None:
     raise cls(f"{what}: {last_error() or 'failed'}", code)
 
 
+def dtype_row_bytes(dtype: str, n: int) -> int:
+    """Bytes of n elements of dtype (a block type: whole blocks); InvalidArgumentError otherwise."""
+    size = lib.llaisysDtypeRowBytes(DTYPES[dtype], n) if dtype in DTYPES else -1
+    if size < 0:
+        raise InvalidArgumentError(f"{n} elements of {dtype!r}: {last_error() or 'unknown dtype'}", lib.LLAISYS_INVALID)
+    return size
+
+
+def dequantize(data: np.ndarray, dtype: str, n: int) -> np.ndarray:
+    """n elements of dtype data (raw blocks for a block type) as f32, as decode reads weights."""
+    data = np.ascontiguousarray(data)
+    if data.nbytes != dtype_row_bytes(dtype, n):
+        raise InvalidArgumentError(f"{data.nbytes} bytes hold no {n} elements of {dtype}")
+    out = np.empty(n, dtype=np.float32)
+    _raise_for(lib.llaisysDequantize(DTYPES[dtype], ffi.from_buffer(data), n, ffi.from_buffer("float[]", out)),
+               f"dequantize {dtype}")
+    return out
+
+
+def matmul(w: np.ndarray, dtype: str, n: int, k: int, x: np.ndarray, n_threads: int = 0) -> np.ndarray:
+    """x @ w.T with decode's kernels for a weight of dtype (w: n x k, raw blocks for a block type)."""
+    w = np.ascontiguousarray(w)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != k:
+        raise InvalidArgumentError(f"x must be (m, {k}), got {x.shape}")
+    if w.nbytes != n * dtype_row_bytes(dtype, k):
+        raise InvalidArgumentError(f"{w.nbytes} bytes of {dtype} for a {n} x {k} matrix")
+    y = np.empty((x.shape[0], n), dtype=np.float32)
+    _raise_for(lib.llaisysMatmul(DTYPES[dtype], ffi.from_buffer(w), n, k, ffi.from_buffer("float[]", x), x.shape[0],
+                                 ffi.from_buffer("float[]", y), n_threads), f"matmul {dtype}")
+    return y
+
+
 def model_types() -> list[str]:
     """Model types registered in the core, e.g. ['qwen2', 'mock']."""
     return [ffi.string(lib.llaisysModelTypeName(i)).decode() for i in range(lib.llaisysModelTypeCount())]
@@ -71,7 +109,8 @@ def model_types() -> list[str]:
 
 @dataclasses.dataclass
 class ModelParams:
-    """Creation parameters (see llaisys_model_params); dtypes are 'f32', 'f16' or 'bf16'."""
+    """Creation parameters (see llaisys_model_params); dtypes are 'f32', 'f16' or 'bf16' (block types
+    go per matrix slot through Model.replace_weight)."""
 
     n_vocab: int = 0
     n_embd: int = 0
@@ -95,9 +134,9 @@ class ModelParams:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name.endswith("dtype"):
-                if value not in DTYPES:
-                    raise InvalidArgumentError(f"{field.name} must be one of {sorted(DTYPES)}, got {value!r}")
-                value = DTYPES[value]
+                if value not in FLOAT_DTYPES:
+                    raise InvalidArgumentError(f"{field.name} must be one of {sorted(FLOAT_DTYPES)}, got {value!r}")
+                value = FLOAT_DTYPES[value]
             setattr(c, field.name, value)
         return c
 
@@ -239,8 +278,10 @@ class Model:
             raise InvalidArgumentError(last_error(), r)
         return bool(r)
 
-    def replace_weight(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
-        """Write a weight slot (copied). bf16 data is passed as uint16 bits with dtype='bf16'."""
+    def replace_weight(self, name: str, array: np.ndarray, dtype: str | None = None,
+                       shape: Sequence[int] | None = None) -> None:
+        """Write a weight slot (copied). bf16 data is passed as uint16 bits with dtype='bf16'; a block
+        type ('q8_0', ...) as the raw GGUF blocks (uint8) with `shape`, the matrix's shape in elements."""
         array = np.ascontiguousarray(array)
         if dtype is None:
             dtype = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}.get(
@@ -251,8 +292,14 @@ class Model:
             raise InvalidArgumentError(f"weight {name!r}: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if array.dtype.itemsize != NUMPY_DTYPES[dtype].itemsize:
             raise InvalidArgumentError(f"weight {name!r}: {array.dtype} data cannot hold {dtype}")
-        shape = ffi.new("int64_t[]", list(array.shape) or [0])
-        code = lib.llaisysModelReplaceWeight(self.handle, name.encode(), DTYPES[dtype], shape, array.ndim,
+        shape = list(array.shape if shape is None else shape)
+        # The core reads shape's worth of data: a block-type matrix must hold exactly its rows of blocks
+        # (a row length that is not whole blocks, or a slot that is no matrix, the core refuses itself).
+        if dtype in BLOCK_DTYPES and len(shape) == 2 and lib.llaisysDtypeRowBytes(DTYPES[dtype], shape[1]) >= 0:
+            if array.nbytes != shape[0] * dtype_row_bytes(dtype, shape[1]):
+                raise InvalidArgumentError(f"weight {name!r}: {array.nbytes} bytes of {dtype} blocks for shape {shape}")
+        c_shape = ffi.new("int64_t[]", shape or [0])
+        code = lib.llaisysModelReplaceWeight(self.handle, name.encode(), DTYPES[dtype], c_shape, len(shape),
                                              ffi.from_buffer(array))
         _raise_for(code, f"replace weight {name!r}")
 

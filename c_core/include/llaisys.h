@@ -42,11 +42,20 @@ typedef int32_t llaisys_token;  /* token id in [0, n_vocab) */
 typedef int32_t llaisys_pos;    /* position of a token in its sequence */
 typedef int32_t llaisys_seq_id; /* sequence id in [0, n_seq_max) */
 
-/* Element types of weights and of the KV cache. */
+/*
+ * Element types of weights and of the KV cache. The block types after BF16 are GGUF's (layouts as
+ * in ggml-common.h): data is whole blocks, a row of k elements being k / block-size blocks in
+ * order, and only matrix weight slots take them (never the KV cache, norms or biases).
+ */
 typedef enum llaisys_dtype {
     LLAISYS_DTYPE_F32 = 0,
     LLAISYS_DTYPE_F16 = 1,
-    LLAISYS_DTYPE_BF16 = 2
+    LLAISYS_DTYPE_BF16 = 2,
+    LLAISYS_DTYPE_Q8_0 = 3, /* 32 elements in 34 bytes: f16 scale, 32 int8 */
+    LLAISYS_DTYPE_Q4_0 = 4, /* 32 in 18: f16 scale, 16 bytes of nibbles (value scale * (q - 8)) */
+    LLAISYS_DTYPE_Q5_0 = 5, /* 32 in 22: f16 scale, 32 high bits, 16 bytes of nibbles (scale * (q - 16)) */
+    LLAISYS_DTYPE_Q4_K = 6, /* 256 in 144: f16 scale and min, 12 bytes of 6-bit sub-block scales and mins, 128 of nibbles */
+    LLAISYS_DTYPE_Q6_K = 7  /* 256 in 210: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, f16 scale */
 } llaisys_dtype;
 
 /* Return codes of llaisysModelDecode (and of the other int32 calls where noted). */
@@ -75,7 +84,8 @@ typedef struct llaisys_model_params {
     float rms_norm_eps;    /* RMSNorm epsilon */
     float rope_theta;      /* RoPE base frequency */
     int32_t tie_embeddings;/* 1: logits use the token embedding (no lm_head slot) */
-    int32_t weight_dtype;  /* llaisys_dtype every weight slot is written in */
+    int32_t weight_dtype;  /* float llaisys_dtype (f32, f16, bf16) of every weight slot, except that
+                              matrix slots may instead be written in a block type */
     /* runtime */
     int32_t n_ctx;         /* KV cache capacity in cells (tokens, all sequences together) */
     int32_t n_seq_max;     /* sequence ids allowed: [0, n_seq_max) */
@@ -149,9 +159,13 @@ LLAISYS_API int32_t llaisysModelWeightIsSet(const llaisys_model *model, const ch
 
 /*
  * Write the named weight slot from row-major data of the given dtype and
- * shape (copied; the caller keeps ownership of data). Writing a slot again
- * frees the old copy. Returns 0, or -1 when the name is unknown, the dtype is
- * not the model's weight_dtype or the shape does not match the slot.
+ * shape (copied; the caller keeps ownership of data). The shape is in
+ * elements; block-type data holds shape[0] rows of shape[1] / block-size
+ * blocks each. Writing a slot again frees the old copy. Returns 0, or -1 when
+ * the name is unknown, the dtype is not a llaisys_dtype, a float dtype is not
+ * the model's weight_dtype, a block type is given for a slot that is not a
+ * matrix, the row length is not a whole number of blocks, or the shape does
+ * not match the slot.
  */
 LLAISYS_API int32_t llaisysModelReplaceWeight(llaisys_model *model, const char *name, int32_t dtype,
                                               const int64_t *shape, int32_t ndim, const void *data);
@@ -233,6 +247,31 @@ LLAISYS_API void llaisysModelKvClear(llaisys_model *model);
 /* Cells in use and total cells (n_ctx), for usage metrics. */
 LLAISYS_API int32_t llaisysModelKvUsedCells(const llaisys_model *model);
 LLAISYS_API int32_t llaisysModelKvCapacity(const llaisys_model *model);
+
+/*
+ * Type utilities, also the kernels' test entry points.
+ */
+
+/* Bytes of n elements of dtype (whole blocks for block types); -1 for an unknown dtype or an n that is not whole blocks. */
+LLAISYS_API int64_t llaisysDtypeRowBytes(int32_t dtype, int64_t n);
+
+/*
+ * Convert n elements of dtype data (row-major, whole blocks for block types)
+ * into the caller's out (n floats), exactly as decode reads weights. Returns 0,
+ * or -1 for an unknown dtype, a negative n, an n that is not whole blocks or a
+ * NULL pointer.
+ */
+LLAISYS_API int32_t llaisysDequantize(int32_t dtype, const void *data, int64_t n, float *out);
+
+/*
+ * y[m, n] = x[m, k] w[n, k]^T with the kernels decode uses for a weight slot of
+ * this dtype (w is row-major in the caller's layout, copied and packed as
+ * ReplaceWeight would; x and y belong to the caller). Block types quantize the
+ * activations as decode does. Returns 0, or -1 for an unknown dtype, sizes
+ * that are not positive, a k that is not whole blocks or a NULL pointer.
+ */
+LLAISYS_API int32_t llaisysMatmul(int32_t dtype, const void *w, int32_t n, int32_t k, const float *x, int32_t m,
+                                  float *y, int32_t n_threads);
 
 /* LLAISYS_CDEF_END */
 

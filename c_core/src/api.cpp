@@ -69,8 +69,11 @@ int32_t default_threads() {
 }
 
 void check_params(const llaisys_model_params &p) {
-    if (!dtype_size(p.weight_dtype)) throw InvalidArgument("weight_dtype " + std::to_string(p.weight_dtype) + " is not a dtype");
-    if (!dtype_size(p.kv_dtype)) throw InvalidArgument("kv_dtype " + std::to_string(p.kv_dtype) + " is not a dtype");
+    // Block types are per matrix slot (ReplaceWeight), never the model-wide float type or the cache's.
+    if (!dtype_size(p.weight_dtype))
+        throw InvalidArgument("weight_dtype " + std::to_string(p.weight_dtype) + " is not a float dtype (f32, f16, bf16)");
+    if (!dtype_size(p.kv_dtype))
+        throw InvalidArgument("kv_dtype " + std::to_string(p.kv_dtype) + " is not a float dtype (f32, f16, bf16)");
     if (p.n_ctx <= 0) throw InvalidArgument("n_ctx must be > 0, got " + std::to_string(p.n_ctx));
     if (p.n_seq_max <= 0 || p.n_seq_max > 4096)
         throw InvalidArgument("n_seq_max must be in [1, 4096], got " + std::to_string(p.n_seq_max));
@@ -88,6 +91,16 @@ const WeightSlot *find_slot(const llaisys_model *model, const char *name) {
     const WeightSlot *slot = const_cast<llaisys_model *>(model)->find_slot(name);
     if (!slot) set_last_error(std::string("unknown weight '") + name + "'");
     return slot;
+}
+
+// The traits of dtype with n a whole number of its blocks, or InvalidArgument.
+const TypeTraits &checked_type(int32_t dtype, int64_t n) {
+    const TypeTraits *t = type_traits(dtype);
+    if (!t) throw InvalidArgument("dtype " + std::to_string(dtype) + " is not a llaisys_dtype");
+    if (n < 0 || n % t->block_elems != 0)
+        throw InvalidArgument(std::to_string(n) + " elements are not whole " + t->name + " blocks of " +
+                              std::to_string(t->block_elems));
+    return *t;
 }
 
 } // namespace
@@ -251,5 +264,38 @@ void llaisysModelKvClear(llaisys_model *model) {
 int32_t llaisysModelKvUsedCells(const llaisys_model *model) { return model ? model->cells.used() : 0; }
 
 int32_t llaisysModelKvCapacity(const llaisys_model *model) { return model ? model->cells.capacity() : 0; }
+
+int64_t llaisysDtypeRowBytes(int32_t dtype, int64_t n) {
+    int64_t bytes = -1;
+    guarded([&]() -> int32_t {
+        bytes = int64_t(row_bytes(checked_type(dtype, n), n));
+        return LLAISYS_OK;
+    });
+    return bytes;
+}
+
+int32_t llaisysDequantize(int32_t dtype, const void *data, int64_t n, float *out) {
+    return guarded([&]() -> int32_t {
+        checked_type(dtype, n);
+        if (!data || !out) throw InvalidArgument("data or out is NULL");
+        kernels::to_f32(data, dtype, n, out);
+        return LLAISYS_OK;
+    });
+}
+
+int32_t llaisysMatmul(int32_t dtype, const void *w, int32_t n, int32_t k, const float *x, int32_t m, float *y,
+                      int32_t n_threads) {
+    return guarded([&]() -> int32_t {
+        checked_type(dtype, k);
+        if (n <= 0 || k <= 0 || m <= 0 || n_threads < 0)
+            throw InvalidArgument("n, k and m must be > 0 and n_threads >= 0");
+        if (!w || !x || !y) throw InvalidArgument("w, x or y is NULL");
+        Buffer storage;
+        const int32_t threads = n_threads ? n_threads : default_threads();
+        const kernels::Matrix matrix = kernels::store_matrix(dtype, w, n, k, storage, threads);
+        kernels::matmul(x, m, matrix, nullptr, y, n, threads);
+        return LLAISYS_OK;
+    });
+}
 
 } // extern "C"

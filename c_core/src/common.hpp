@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 
 #include "llaisys.h"
+#include "quant.hpp"
 
 namespace llaisys {
 
@@ -22,17 +23,16 @@ struct InvalidArgument : std::runtime_error {
 void set_last_error(const std::string &message);
 void clear_last_error();
 
-// Size in bytes of one element of a llaisys_dtype; 0 if the value is not a dtype.
+// Size in bytes of one element of a float llaisys_dtype; 0 for a block type or a value that is not a dtype.
 inline size_t dtype_size(int32_t dtype) {
-    switch (dtype) {
-    case LLAISYS_DTYPE_F32: return 4;
-    case LLAISYS_DTYPE_F16: return 2;
-    case LLAISYS_DTYPE_BF16: return 2;
-    default: return 0;
-    }
+    const TypeTraits *t = type_traits(dtype);
+    return t && !t->quantized ? size_t(t->block_bytes) : 0;
 }
 
-const char *dtype_name(int32_t dtype);
+inline const char *dtype_name(int32_t dtype) {
+    const TypeTraits *t = type_traits(dtype);
+    return t ? t->name : "unknown";
+}
 
 inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = uint32_t(h) << 16;

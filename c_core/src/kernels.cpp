@@ -9,8 +9,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
 // GCC 12's AVX-512 headers build "undefined" vectors from themselves, which -Wuninitialized flags.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -171,6 +173,25 @@ template <class L> struct FmaKernel {
     }
 };
 
+// Tiles of several products numbered together, so that one parallel loop shares them all out: a
+// tile is up to panels_per_tile panels of panel_rows output rows of one product.
+struct SharedTiles {
+    std::vector<int32_t> first; // first[o]: product o's first tile; the last entry counts them all
+    int64_t flops = 0;
+    SharedTiles(const MatmulOut *outs, int32_t count, int32_t m, int32_t k, int32_t panel_rows, int32_t panels_per_tile)
+        : first(size_t(count) + 1, 0) {
+        for (int32_t o = 0; o < count; ++o) {
+            const int32_t n_panels = (outs[o].w.n + panel_rows - 1) / panel_rows;
+            first[size_t(o) + 1] = first[size_t(o)] + (n_panels + panels_per_tile - 1) / panels_per_tile;
+            flops += int64_t(m) * outs[o].w.n * k;
+        }
+    }
+    int32_t size() const { return first.back(); }
+    int32_t product_of(int32_t tile) const {
+        return int32_t(std::upper_bound(first.begin(), first.end(), tile) - first.begin()) - 1;
+    }
+};
+
 #if defined(__AVX512BF16__)
 // bf16 weights with VDPBF16PS (pairs of exact bf16 products added into f32 lanes): twice the f32
 // FMA rate. Activations are rounded to bf16 first, as a bf16 model in torch computes; sums stay f32.
@@ -256,28 +277,21 @@ void matmul_packed(const float *x, int32_t m, int32_t k, const MatmulOut *outs, 
     }
     const uint16_t *xbf = xb.data(); // the caller's buffer: xb names another one in each worker thread
     const int64_t stride = panel_elems(k);
-    // first_tile[o]: index of output o's first tile in the shared numbering.
-    std::vector<int32_t> first_tile(size_t(count) + 1, 0);
-    int64_t flops = 0;
-    for (int32_t o = 0; o < count; ++o) {
-        const int32_t n_panels = (outs[o].w.n + kPanel - 1) / kPanel;
-        first_tile[size_t(o) + 1] = first_tile[size_t(o)] + (n_panels + kPackedNR - 1) / kPackedNR;
-        flops += int64_t(m) * outs[o].w.n * k;
-    }
-    const int32_t n_tiles = first_tile[size_t(count)];
+    const SharedTiles tiles(outs, count, m, k, kPanel, kPackedNR);
+    const int32_t n_tiles = tiles.size();
     // Tiles are handed out one at a time, so a core slowed by a neighbour never holds the other
     // up. Within a tile, k blocks keep its weight panels (NR x 16 x 2 x 256 pairs = 64 KB) in L2
     // while every row block of x passes them.
     const int32_t pair_block = 256;
     const int32_t m_block = 96 * 1024 / (2 * 2 * pair_block);
-#pragma omp parallel num_threads(n_threads) if (flops > 32768)
+#pragma omp parallel num_threads(n_threads) if (tiles.flops > 32768)
     {
 #pragma omp for schedule(dynamic, 1) nowait
         for (int32_t t = 0; t < n_tiles; ++t) {
-            const int32_t o = int32_t(std::upper_bound(first_tile.begin(), first_tile.end(), t) - first_tile.begin()) - 1;
+            const int32_t o = tiles.product_of(t);
             const MatmulOut &out = outs[o];
             const int32_t n = out.w.n, n_panels = (n + kPanel - 1) / kPanel;
-            const int32_t panel = (t - first_tile[size_t(o)]) * kPackedNR;
+            const int32_t panel = (t - tiles.first[size_t(o)]) * kPackedNR;
             const int32_t nr = std::min(kPackedNR, n_panels - panel);
             const int32_t n_valid = std::min(n - panel * kPanel, nr * kPanel);
             const uint16_t *w = static_cast<const uint16_t *>(out.w.data) + panel * stride;
@@ -393,6 +407,168 @@ template <class F> void map16(const float *in, int64_t n, float *out, F f) {
     }
 }
 
+// ---- Block types: int8 weights (quant.hpp's panels) times activations quantized to int8 ----
+
+// Activations quantized per 32 columns as Q8_0 does: d = max|x| / 127, q = round(x / d), f32 d.
+struct QuantizedRows {
+    std::vector<int8_t> q;    // m x k
+    std::vector<float> d;     // m x k / 32
+    std::vector<int32_t> sum; // m x k / 32: the sum of each block's q (for types with mins)
+};
+
+void quantize_rows(const float *x, int32_t m, int32_t k, QuantizedRows &qx, int32_t n_threads) {
+    const size_t blocks = size_t(m) * size_t(k / 32);
+    // Only ever grown, as matmul_packed's buffer.
+    if (qx.q.size() < size_t(m) * size_t(k)) qx.q.resize(size_t(m) * size_t(k));
+    if (qx.d.size() < blocks) qx.d.resize(blocks), qx.sum.resize(blocks);
+    int8_t *q = qx.q.data();
+    float *d = qx.d.data();
+    int32_t *sum = qx.sum.data();
+#pragma omp parallel for num_threads(n_threads) if (int64_t(m) * k > 65536)
+    for (int64_t b = 0; b < int64_t(blocks); ++b) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int32_t e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(xb[e]));
+        const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        int32_t total = 0;
+        for (int32_t e = 0; e < 32; ++e) {
+            const int8_t v = int8_t(std::round(xb[e] * inv)); // halves away from zero, as gguf's np_roundf
+            q[b * 32 + e] = v;
+            total += v;
+        }
+        d[b] = scale;
+        sum[b] = total;
+    }
+}
+
+// A panel's 16 rows in lanes: one 512-bit vector with AVX-512 VNNI, two halves of 8 otherwise.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kQLanes = 16;
+#else
+constexpr int kQLanes = 8;
+#endif
+typedef int32_t vqi __attribute__((vector_size(4 * kQLanes)));
+typedef float vqf __attribute__((vector_size(4 * kQLanes)));
+constexpr int kQHalves = kQuantPanel / kQLanes;
+
+// acc + per lane the dot product of its 4 int8 weights (w: 4 per lane) with the 4 int8 activations x4.
+inline vqi dot4(vqi acc, const int8_t *w, int32_t x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const __m512i wv = _mm512_loadu_si512(w), xv = _mm512_set1_epi32(x4);
+    // VPDPBUSD multiplies unsigned by signed bytes: the weight's sign moves onto the activation.
+    const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+    return vqi(_mm512_dpbusd_epi32(__m512i(acc), _mm512_abs_epi8(wv), sx));
+#elif defined(__AVX2__)
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w)), xv = _mm256_set1_epi32(x4);
+    // |w| times x with w's sign; a pair of products fits int16 since |w| <= 128 and |x| <= 127.
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    return acc + vqi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#else
+    int8_t x[4];
+    std::memcpy(x, &x4, 4);
+    for (int l = 0; l < kQLanes; ++l)
+        acc[l] += w[4 * l] * x[0] + w[4 * l + 1] * x[1] + w[4 * l + 2] * x[2] + w[4 * l + 3] * x[3];
+    return acc;
+#endif
+}
+
+inline vqf load_qf(const float *p) {
+    vqf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// MR rows of x times one panel (16 outputs) over all of k, group by group: each group's integer
+// dot products are exact, then scaled into f32 lanes in k order, so a row's result is the same
+// whatever MR is. G: columns per scale; kMin: the type subtracts a per-group min.
+template <int G, bool kMin, int MR>
+void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t *panel, const float *bias, float *y,
+                int32_t ldy, int32_t n_valid) {
+    constexpr size_t group_bytes = size_t(G) * kQuantPanel + sizeof(float) * kQuantPanel * (kMin ? 2 : 1);
+    const int32_t blocks = k / 32;
+    vqf acc[MR][kQHalves] = {};
+    for (int32_t g = 0; g < k / G; ++g) {
+        const uint8_t *group = panel + size_t(g) * group_bytes;
+        const int8_t *w = reinterpret_cast<const int8_t *>(group);
+        const float *scale = reinterpret_cast<const float *>(group + size_t(G) * kQuantPanel);
+        vqi dots[MR][kQHalves] = {};
+#pragma GCC unroll 8
+        for (int s = 0; s < G / 4; ++s)
+#pragma GCC unroll 4
+            for (int i = 0; i < MR; ++i) {
+                int32_t x4;
+                std::memcpy(&x4, qx.q.data() + size_t(row0 + i) * k + g * G + 4 * s, 4);
+                for (int h = 0; h < kQHalves; ++h)
+                    dots[i][h] = dot4(dots[i][h], w + (s * kQuantPanel + h * kQLanes) * 4, x4);
+            }
+        const int32_t block = g * G / 32;
+        for (int i = 0; i < MR; ++i) {
+            const float dx = qx.d[size_t(row0 + i) * blocks + block];
+            for (int h = 0; h < kQHalves; ++h) {
+                acc[i][h] += __builtin_convertvector(dots[i][h], vqf) * (load_qf(scale + h * kQLanes) * dx);
+                if constexpr (kMin)
+                    acc[i][h] -= load_qf(scale + kQuantPanel + h * kQLanes) *
+                                 (dx * float(qx.sum[size_t(row0 + i) * blocks + block]));
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < kQHalves; ++h)
+            for (int l = 0; l < kQLanes && h * kQLanes + l < n_valid; ++l)
+                y[size_t(i) * ldy + h * kQLanes + l] = acc[i][h][l] + (bias ? bias[h * kQLanes + l] : 0.0f);
+}
+
+constexpr int kQuantMR = 4;
+
+using QuantTileFn = void (*)(const QuantizedRows &, int32_t, int32_t, const uint8_t *, const float *, float *, int32_t,
+                             int32_t);
+
+template <int G, bool kMin, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
+    if constexpr (MR > 1) {
+        if (mr < MR) return quant_tile_for_mr<G, kMin, MR - 1>(mr);
+    }
+    return quant_tile<G, kMin, MR>;
+}
+
+QuantTileFn quant_tile_for(const TypeTraits &t, int mr) {
+    if (t.group == 16) return t.has_min ? quant_tile_for_mr<16, true>(mr) : quant_tile_for_mr<16, false>(mr);
+    return t.has_min ? quant_tile_for_mr<32, true>(mr) : quant_tile_for_mr<32, false>(mr);
+}
+
+// Several block-type products of the same x: x is quantized once, and the products' units (up to
+// 4 panels each) are shared out together one at a time, as matmul_packed does.
+void matmul_quant(const float *x, int32_t m, int32_t k, const MatmulOut *outs, int32_t count, int32_t n_threads) {
+    static thread_local QuantizedRows qx;
+    quantize_rows(x, m, k, qx, n_threads);
+    const QuantizedRows &xq = qx; // the caller's buffer: qx names another one in each worker thread
+    constexpr int32_t kUnitPanels = 4;
+    const SharedTiles units(outs, count, m, k, kQuantPanel, kUnitPanels);
+    const int32_t n_units = units.size();
+    // Rows of x per block: about 128 KB of int8 activations stay in L2 while a unit's panels pass.
+    const int32_t m_block = std::max(kQuantMR, 128 * 1024 / std::max(k, 1) / kQuantMR * kQuantMR);
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (units.flops > 32768)
+    for (int32_t u = 0; u < n_units; ++u) {
+        const int32_t o = units.product_of(u);
+        const MatmulOut &out = outs[o];
+        const TypeTraits &t = *type_traits(out.w.dtype);
+        const int32_t n = out.w.n, n_panels = (n + kQuantPanel - 1) / kQuantPanel;
+        const int32_t p0 = (u - units.first[size_t(o)]) * kUnitPanels, p1 = std::min(n_panels, p0 + kUnitPanels);
+        const size_t panel_bytes = size_t(k / t.group) * quant_group_bytes(t);
+        for (int32_t m0 = 0; m0 < m; m0 += m_block) {
+            const int32_t m1 = std::min(m, m0 + m_block);
+            for (int32_t p = p0; p < p1; ++p) {
+                const uint8_t *panel = static_cast<const uint8_t *>(out.w.data) + size_t(p) * panel_bytes;
+                const int32_t col = p * kQuantPanel, n_valid = std::min(kQuantPanel, n - col);
+                for (int32_t i0 = m0; i0 < m1; i0 += kQuantMR) {
+                    const int32_t mr = std::min(kQuantMR, m1 - i0);
+                    quant_tile_for(t, mr)(xq, k, i0, panel, out.bias ? out.bias + col : nullptr,
+                                          out.y + size_t(i0) * out.ldy + col, out.ldy, n_valid);
+                }
+            }
+        }
+    }
+}
+
 } // namespace
 
 void matmul(const float *x, int32_t m, const Matrix &w, const float *bias, float *y, int32_t ldy, int32_t n_threads) {
@@ -402,9 +578,16 @@ void matmul(const float *x, int32_t m, const Matrix &w, const float *bias, float
 
 void matmul_many(const float *x, int32_t m, const MatmulOut *outs, int32_t count, int32_t n_threads) {
     if (count == 0) return;
+    bool all_packed = true, all_quantized = true;
+    for (int32_t o = 0; o < count; ++o) {
+        all_packed = all_packed && outs[o].w.packed && outs[o].w.k == outs[0].w.k;
+        all_quantized = all_quantized && type_traits(outs[o].w.dtype)->quantized && outs[o].w.k == outs[0].w.k;
+    }
+    if (all_quantized) {
+        matmul_quant(x, m, outs[0].w.k, outs, count, n_threads);
+        return;
+    }
 #if defined(__AVX512BF16__)
-    bool all_packed = true;
-    for (int32_t o = 0; o < count; ++o) all_packed = all_packed && outs[o].w.packed && outs[o].w.k == outs[0].w.k;
     if (all_packed) {
         matmul_packed(x, m, outs[0].w.k, outs, count, n_threads);
         return;
@@ -413,7 +596,7 @@ void matmul_many(const float *x, int32_t m, const MatmulOut *outs, int32_t count
     for (int32_t o = 0; o < count; ++o) {
         const MatmulOut &out = outs[o];
         const int32_t n = out.w.n, k = out.w.k;
-        switch (out.w.dtype) {
+        switch (static_cast<llaisys_dtype>(out.w.dtype)) {
         case LLAISYS_DTYPE_F32:
             matmul_t<FmaKernel<F32>>(x, m, k, static_cast<const float *>(out.w.data), n, out.bias, out.y, out.ldy,
                                      n_threads);
@@ -422,10 +605,21 @@ void matmul_many(const float *x, int32_t m, const MatmulOut *outs, int32_t count
             matmul_t<FmaKernel<F16>>(x, m, k, static_cast<const uint16_t *>(out.w.data), n, out.bias, out.y, out.ldy,
                                      n_threads);
             break;
-        default:
+        case LLAISYS_DTYPE_BF16:
+#if defined(__AVX512BF16__)
+            if (out.w.packed) {
+                matmul_packed(x, m, k, &out, 1, n_threads);
+                break;
+            }
+#endif
             matmul_t<FmaKernel<BF16>>(x, m, k, static_cast<const uint16_t *>(out.w.data), n, out.bias, out.y,
                                       out.ldy, n_threads);
             break;
+        case LLAISYS_DTYPE_Q8_0:
+        case LLAISYS_DTYPE_Q4_0:
+        case LLAISYS_DTYPE_Q5_0:
+        case LLAISYS_DTYPE_Q4_K:
+        case LLAISYS_DTYPE_Q6_K: matmul_quant(x, m, k, &out, 1, n_threads); break;
         }
     }
 }
@@ -456,10 +650,30 @@ void pack_bf16(const uint16_t *w, int32_t n, int32_t k, uint16_t *out) {
 #endif
 }
 
+Matrix store_matrix(int32_t dtype, const void *rows, int32_t n, int32_t k, Buffer &storage, int32_t n_threads) {
+    const TypeTraits &t = *type_traits(dtype);
+    if (t.quantized) {
+        storage = Buffer(quant_packed_bytes(t, n, k));
+        quant_pack(t, static_cast<const uint8_t *>(rows), n, k, storage.data(), n_threads);
+        return {storage.data(), dtype, n, k, true};
+    }
+    const bool pack = dtype == LLAISYS_DTYPE_BF16 && packs_bf16();
+    storage = Buffer(pack ? packed_bytes(n, k) : size_t(n) * row_bytes(t, k));
+    if (pack)
+        pack_bf16(static_cast<const uint16_t *>(rows), n, k, storage.as<uint16_t>());
+    else
+        std::memcpy(storage.data(), rows, storage.size());
+    return {storage.data(), dtype, n, k, pack};
+}
+
 void matrix_row(const Matrix &w, int32_t row, float *out) {
-    const size_t esize = dtype_size(w.dtype);
+    const TypeTraits &t = *type_traits(w.dtype);
+    if (t.quantized) {
+        quant_packed_row(t, static_cast<const uint8_t *>(w.data), w.k, row, out);
+        return;
+    }
     if (!w.packed) {
-        to_f32(static_cast<const uint8_t *>(w.data) + size_t(row) * w.k * esize, w.dtype, w.k, out);
+        to_f32(static_cast<const uint8_t *>(w.data) + size_t(row) * row_bytes(t, w.k), w.dtype, w.k, out);
         return;
     }
 #if defined(__AVX512BF16__)
@@ -470,27 +684,37 @@ void matrix_row(const Matrix &w, int32_t row, float *out) {
 
 void to_f32(const void *src, int32_t dtype, int64_t n, float *dst) {
     const uint16_t *h = static_cast<const uint16_t *>(src);
-    switch (dtype) {
+    switch (static_cast<llaisys_dtype>(dtype)) {
     case LLAISYS_DTYPE_F32: std::memcpy(dst, src, size_t(n) * 4); break;
     case LLAISYS_DTYPE_F16:
         for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(h[i]);
         break;
-    default:
+    case LLAISYS_DTYPE_BF16:
         for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(h[i]);
         break;
+    case LLAISYS_DTYPE_Q8_0:
+    case LLAISYS_DTYPE_Q4_0:
+    case LLAISYS_DTYPE_Q5_0:
+    case LLAISYS_DTYPE_Q4_K:
+    case LLAISYS_DTYPE_Q6_K: quant_dequantize(*type_traits(dtype), static_cast<const uint8_t *>(src), n, dst); break;
     }
 }
 
 void from_f32(const float *src, int64_t n, int32_t dtype, void *dst) {
     uint16_t *h = static_cast<uint16_t *>(dst);
-    switch (dtype) {
+    switch (static_cast<llaisys_dtype>(dtype)) {
     case LLAISYS_DTYPE_F32: std::memcpy(dst, src, size_t(n) * 4); break;
     case LLAISYS_DTYPE_F16:
         for (int64_t i = 0; i < n; ++i) h[i] = f32_to_f16(src[i]);
         break;
-    default:
+    case LLAISYS_DTYPE_BF16:
         for (int64_t i = 0; i < n; ++i) h[i] = f32_to_bf16(src[i]);
         break;
+    case LLAISYS_DTYPE_Q8_0:
+    case LLAISYS_DTYPE_Q4_0:
+    case LLAISYS_DTYPE_Q5_0:
+    case LLAISYS_DTYPE_Q4_K:
+    case LLAISYS_DTYPE_Q6_K: throw InvalidArgument(std::string("no conversion to ") + dtype_name(dtype));
     }
 }
 
@@ -654,7 +878,7 @@ static void attention_dispatch(const float *q, int32_t n_q, int32_t head_dim, co
 
 void attention(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cells, int32_t n_cells, const void *k,
                const void *v, int32_t kv_dtype, int64_t cell_stride, float scale, float *scores, float *out) {
-    switch (kv_dtype) {
+    switch (static_cast<llaisys_dtype>(kv_dtype)) {
     case LLAISYS_DTYPE_F32:
         attention_dispatch<F32>(q, n_q, head_dim, cells, n_cells, static_cast<const float *>(k),
                          static_cast<const float *>(v), cell_stride, scale, scores, out);
@@ -663,10 +887,15 @@ void attention(const float *q, int32_t n_q, int32_t head_dim, const int32_t *cel
         attention_dispatch<F16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
                          static_cast<const uint16_t *>(v), cell_stride, scale, scores, out);
         break;
-    default:
+    case LLAISYS_DTYPE_BF16:
         attention_dispatch<BF16>(q, n_q, head_dim, cells, n_cells, static_cast<const uint16_t *>(k),
                           static_cast<const uint16_t *>(v), cell_stride, scale, scores, out);
         break;
+    case LLAISYS_DTYPE_Q8_0:
+    case LLAISYS_DTYPE_Q4_0:
+    case LLAISYS_DTYPE_Q5_0:
+    case LLAISYS_DTYPE_Q4_K:
+    case LLAISYS_DTYPE_Q6_K: throw InvalidArgument(std::string("no KV cache in ") + dtype_name(kv_dtype));
     }
 }
 

@@ -6,9 +6,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common.hpp"
+
 namespace llaisys::kernels {
 
-// A weight matrix n x k as the kernels read it: row-major in `dtype`, or packed (bf16 only).
+// A weight matrix n x k as the kernels read it: row-major in `dtype`, or packed (bf16 on CPUs
+// with bf16 dot products; block types always, in quant.hpp's panels).
 struct Matrix {
     const void *data;
     int32_t dtype;
@@ -21,6 +24,9 @@ bool packs_bf16();
 // Bytes of the packed form of an n x k bf16 matrix, and the packing itself.
 size_t packed_bytes(int32_t n, int32_t k);
 void pack_bf16(const uint16_t *w, int32_t n, int32_t k, uint16_t *out);
+// Copy the row-major n x k matrix `rows` of `dtype` into `storage` in the form the kernels read
+// (packing it where they want it packed); returns the matrix over `storage`.
+Matrix store_matrix(int32_t dtype, const void *rows, int32_t n, int32_t k, Buffer &storage, int32_t n_threads);
 // Row r of the matrix as f32 (embedding lookup).
 void matrix_row(const Matrix &w, int32_t row, float *out);
 
@@ -41,9 +47,9 @@ void matmul_many(const float *x, int32_t m, const MatmulOut *outs, int32_t count
 void rms_norm(const float *x, int32_t m, int32_t d, const void *weight, int32_t dtype, float eps, float *out,
               int32_t n_threads);
 
-// Convert n elements of `dtype` to f32.
+// Convert n elements of `dtype` (row-major, whole blocks for block types) to f32.
 void to_f32(const void *src, int32_t dtype, int64_t n, float *dst);
-// Convert n f32 to `dtype`.
+// Convert n f32 to a float `dtype` (block types have no quantizer: InvalidArgument).
 void from_f32(const float *src, int64_t n, int32_t dtype, void *dst);
 
 // cos and sin of pos * inv_freq[i] for i < half: the rotation of one position, shared by its heads.

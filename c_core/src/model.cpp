@@ -5,15 +5,6 @@
 
 namespace llaisys {
 
-const char *dtype_name(int32_t dtype) {
-    switch (dtype) {
-    case LLAISYS_DTYPE_F32: return "f32";
-    case LLAISYS_DTYPE_F16: return "f16";
-    case LLAISYS_DTYPE_BF16: return "bf16";
-    default: return "unknown";
-    }
-}
-
 static std::string shape_str(const int64_t *shape, size_t ndim) {
     std::string s = "[";
     for (size_t i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -44,25 +35,31 @@ void llaisys_model::replace_weight(const std::string &name, int32_t dtype, const
                                    const void *data) {
     WeightSlot *slot = find_slot(name);
     if (!slot) throw InvalidArgument("unknown weight '" + name + "'");
-    if (dtype != params.weight_dtype)
-        throw InvalidArgument("weight '" + name + "' has dtype " + dtype_name(dtype) + ", the model expects " +
-                              dtype_name(params.weight_dtype));
+    const TypeTraits *traits = type_traits(dtype);
+    if (!traits) throw InvalidArgument("weight '" + name + "' has dtype " + std::to_string(dtype) + ", not a llaisys_dtype");
+    const bool matrix = slot->shape.size() == 2;
+    if (traits->quantized ? !matrix : dtype != params.weight_dtype)
+        throw InvalidArgument("weight '" + name + "' has dtype " + dtype_name(dtype) + ", the slot takes " +
+                              dtype_name(params.weight_dtype) + (matrix ? " or a block type" : ""));
     if (!shape || ndim != int32_t(slot->shape.size()) || !std::equal(slot->shape.begin(), slot->shape.end(), shape))
         throw InvalidArgument("weight '" + name + "' has shape " + shape_str(shape, shape ? size_t(std::max(ndim, 0)) : 0) +
                               ", the slot expects " + shape_str(slot->shape.data(), slot->shape.size()));
+    if (traits->quantized && shape[1] % traits->block_elems != 0)
+        throw InvalidArgument("weight '" + name + "': rows of " + std::to_string(shape[1]) + " elements are not whole " +
+                              traits->name + " blocks of " + std::to_string(traits->block_elems));
     if (!data) throw InvalidArgument("weight '" + name + "' has no data");
-    // Matrices in bf16 are packed for the kernels where the CPU has bf16 dot products.
-    const bool pack = ndim == 2 && dtype == LLAISYS_DTYPE_BF16 && kernels::packs_bf16();
-    size_t bytes = size_t(slot->numel()) * dtype_size(dtype);
-    Buffer fresh(pack ? kernels::packed_bytes(int32_t(shape[0]), int32_t(shape[1])) : bytes);
-    if (pack)
-        kernels::pack_bf16(static_cast<const uint16_t *>(data), int32_t(shape[0]), int32_t(shape[1]),
-                           fresh.as<uint16_t>());
-    else
-        std::memcpy(fresh.data(), data, bytes);
     // Allocated before the old copy is dropped, so a failure keeps it.
+    Buffer fresh;
+    bool packed = false;
+    if (matrix)
+        packed = kernels::store_matrix(dtype, data, int32_t(shape[0]), int32_t(shape[1]), fresh, params.n_threads).packed;
+    else {
+        fresh = Buffer(size_t(slot->numel()) * dtype_size(dtype));
+        std::memcpy(fresh.data(), data, fresh.size());
+    }
     slot->data = std::move(fresh);
-    slot->packed = pack;
+    slot->dtype = dtype;
+    slot->packed = packed;
 }
 
 int32_t llaisys_model::validate(const llaisys_batch &b, DecodeInput &in) {
