@@ -65,8 +65,10 @@ def cmd_serve(args) -> int:
         kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout,
         enable_prefix_caching=False if args.no_prefix_caching else None,
         prefix_cache_max_cells=args.prefix_cache_max_cells)
-    if config.model is not None and not (Path(config.model) / "config.json").is_file():
-        raise ValueError(f"{config.model} is not a model directory (no config.json)")
+    from .models import is_gguf
+
+    if config.model is not None and not (Path(config.model) / "config.json").is_file() and not is_gguf(config.model):
+        raise ValueError(f"{config.model} is neither a model directory (no config.json) nor a .gguf file")
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.accesslog = "-" if args.verbose else None
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="a reply to one prompt (greedy by default), streamed to the terminal")
     gen.add_argument("prompt", nargs="?", default="Who are you?")
-    gen.add_argument("--model", default=None, help="HF model directory (default: the default model)")
+    gen.add_argument("--model", default=None, help="HF model directory or Qwen2 .gguf file (default: the default "
+                                                   "model)")
     gen.add_argument("--raw", action="store_true", help="continue the raw prompt instead of one chat message")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -119,13 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens")
     gen.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default="f32")
     gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None,
-                     help="convert weights at load (default: keep the checkpoint's; f32 = exact products)")
+                     help="convert weights at load (default: keep the checkpoint's, a GGUF's blocks too; f32 = exact "
+                          "products)")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible API and the chat page (flags override LLAISYS_* "
                                        "environment variables)")
-    srv.add_argument("--model", default=None, help="HF model directory (default: LLAISYS_MODEL, else the default "
-                                                   "model)")
+    srv.add_argument("--model", default=None, help="HF model directory or Qwen2 .gguf file (default: LLAISYS_MODEL, "
+                                                   "else the default model)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the model id clients use (default: directory name)")

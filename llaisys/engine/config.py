@@ -9,7 +9,7 @@ MAX_SEQS = 4096  # the core's limit on sequence ids (running slots and cache seq
 
 @dataclasses.dataclass
 class EngineArgs:
-    """model: an HF Qwen2 directory (or a mock model directory); None = the default model.
+    """model: an HF Qwen2 directory, a Qwen2 .gguf file (or a mock model directory); None = the default model.
 
     max_num_seqs:           completions running at once (the core's sequence slots).
     max_num_batched_tokens: tokens per step (prefill chunks and decode rows together).

@@ -12,7 +12,7 @@ Conversation = list[dict[str, str]]
 
 
 class LLM:
-    """`LLM(model=None, **engine_args)`: model is an HF Qwen2 directory, None = the default model;
+    """`LLM(model=None, **engine_args)`: model is an HF Qwen2 directory or .gguf file, None = the default model;
     engine_args are EngineArgs fields (max_num_seqs, max_num_batched_tokens, n_ctx, ...)."""
 
     def __init__(self, model: Optional[str] = None, **engine_args):

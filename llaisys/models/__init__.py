@@ -1,10 +1,12 @@
-"""Model adapters: a registry from config.json's model_type to the adapter that loads it."""
+"""Model adapters: a registry from config.json's model_type to the adapter that loads it, and
+Qwen2 GGUF files loaded directly."""
 from __future__ import annotations
 
 import gc
 from pathlib import Path
 
 from .base import ModelAdapter, ModelLoadError, RuntimeOptions, read_config
+from .gguf_model import is_gguf, load_gguf
 from .mock import MockAdapter
 from .qwen2 import Qwen2Adapter
 
@@ -21,16 +23,21 @@ register(MockAdapter)
 
 
 def load_model(path: str | Path, options: RuntimeOptions | None = None) -> ModelAdapter:
-    """Load the model directory with the adapter its config.json's model_type names."""
-    config = read_config(Path(path))
-    model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
-        raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported (known: {sorted(ADAPTERS)})")
-    adapter = ADAPTERS[model_type].from_pretrained(path, options)
+    """Load a .gguf file (Qwen2, its block weights kept), or a model directory with the adapter its
+    config.json's model_type names."""
+    if is_gguf(path):
+        adapter = load_gguf(path, options)
+    else:
+        config = read_config(Path(path))
+        model_type = config.get("model_type")
+        if model_type not in ADAPTERS:
+            raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported (known: {sorted(ADAPTERS)})")
+        adapter = ADAPTERS[model_type].from_pretrained(path, options)
     # A tokenizer holds millions of Python objects that live as long as the model; moving them out
     # of the collector's generations keeps every later collection from walking them.
     gc.freeze()
     return adapter
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModelLoadError", "RuntimeOptions", "load_model", "register"]
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelLoadError", "RuntimeOptions", "is_gguf", "load_gguf", "load_model",
+           "register"]

@@ -29,7 +29,8 @@ import numpy as np
 from .qwen2 import GLOBAL_WEIGHTS, LAYER_WEIGHTS
 from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, write_safetensors
 
-__all__ = ["GGUFConversionError", "convert_gguf_to_hf"]
+__all__ = ["GGUFConversionError", "TIE_DISTANCE", "bits_per_weight", "convert_gguf_to_hf", "read_qwen2_gguf",
+           "slot_name", "tie_distance", "write_model_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +60,34 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     that are not a complete Qwen2 model.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    reader, meta = read_qwen2_gguf(gguf_path)
+    # The embedding may have more rows than the tokenizer has tokens (the
+    # vocabulary is padded for efficiency); the model's vocab_size is the rows.
+    vocab_size = int({t.name: t for t in reader.tensors}["token_embd.weight"].shape[1])
+    converted = _dequantize(reader.tensors)
+    tied = _tie_embeddings(converted, {_hf_name(t.name): bits_per_weight(t) for t in reader.tensors})
+    config = write_model_files(meta, out_dir, vocab_size, tied)
+    _write_weights(converted, _expected_hf_names(config), out_dir / "model.safetensors")
+    return out_dir
+
+
+def read_qwen2_gguf(gguf_path: str | Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """The reader and metadata of a Qwen2 GGUF; GGUFConversionError for another architecture or no embedding."""
     logger.info("reading %s", gguf_path)
     reader = gguf.GGUFReader(gguf_path)
     meta = _read_metadata(reader)
-
     arch = meta.get("general.architecture")
     if arch != "qwen2":
         raise GGUFConversionError(f"{gguf_path}: architecture is {arch!r}, expected 'qwen2'")
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
+    if not any(t.name == "token_embd.weight" for t in reader.tensors):
         raise GGUFConversionError(f"{gguf_path}: no token_embd.weight tensor")
-    # The embedding may have more rows than the tokenizer has tokens (the
-    # vocabulary is padded for efficiency); the model's vocab_size is the rows.
-    vocab_size = int(tensors["token_embd.weight"].shape[1])
-    converted = _dequantize(reader.tensors)
-    tied = _tie_embeddings(converted, {_hf_name(t.name): _bits_per_weight(t) for t in reader.tensors})
+    return reader, meta
 
+
+def write_model_files(meta: dict[str, Any], out_dir: Path, vocab_size: int, tied: bool) -> dict[str, Any]:
+    """Everything of the HF directory but the weights: config.json, generation_config.json and the
+    tokenizer files (with the chat template). Returns the config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     config = _hf_config(meta, vocab_size, tied)
     logger.info(
         "%s: %d layers, hidden %d, vocab %d, %s embeddings",
@@ -88,8 +100,14 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(meta))
     _write_tokenizer(meta, out_dir, vocab_size, config["max_position_embeddings"])
-    _write_weights(converted, _expected_hf_names(config), out_dir / "model.safetensors")
-    return out_dir
+    return config
+
+
+def slot_name(gguf_name: str) -> str:
+    """The core weight slot of a GGUF tensor name (the inverse of _gguf_tensor_name)."""
+    if gguf_name.endswith(".bias"):
+        return gguf_name.removesuffix(".bias") + "_bias"
+    return gguf_name.removesuffix(".weight")
 
 
 def _read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -252,13 +270,20 @@ def _expected_hf_names(config: dict[str, Any]) -> set[str]:
     return names
 
 
-def _bits_per_weight(tensor) -> float:
+def bits_per_weight(tensor) -> float:
     block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
     return 8.0 * type_size / block_size
 
 
 # Relative L2 distance below which output.weight counts as a requantized copy of token_embd.
-_TIE_DISTANCE = 0.05
+TIE_DISTANCE = 0.05
+
+
+def tie_distance(embed: np.ndarray, head: np.ndarray) -> float:
+    """Relative L2 distance of the output matrix from the embedding (inf for different shapes)."""
+    if embed.shape != head.shape:
+        return float("inf")
+    return float(np.linalg.norm(embed - head) / max(np.linalg.norm(embed), 1e-30))
 
 
 def _tie_embeddings(converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]], bits: dict[str, float]) -> bool:
@@ -269,12 +294,9 @@ def _tie_embeddings(converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]
     """
     if "lm_head.weight" not in converted:
         return True
-    embed = bf16_bits_to_f32(converted["model.embed_tokens.weight"][2])
-    head = bf16_bits_to_f32(converted["lm_head.weight"][2])
-    if embed.shape != head.shape:
-        return False
-    distance = float(np.linalg.norm(embed - head) / max(np.linalg.norm(embed), 1e-30))
-    if distance > _TIE_DISTANCE:
+    distance = tie_distance(bf16_bits_to_f32(converted["model.embed_tokens.weight"][2]),
+                            bf16_bits_to_f32(converted["lm_head.weight"][2]))
+    if distance > TIE_DISTANCE:
         return False
     finer = max(("model.embed_tokens.weight", "lm_head.weight"), key=lambda n: bits[n])
     logger.info("output.weight copies token_embd.weight (relative distance %.3f): tying, keeping %s", distance, finer)
