@@ -1,11 +1,14 @@
 """Core speed: llaisys against transformers (torch bf16) on the same model, side by side in one run.
 
+With --gguf FILE llaisys also runs that GGUF with its block weights kept (the default model's
+GGUF is what its bf16 directory was converted from), as a third column.
+
 Measures prefill tokens/s on one 512-token prompt and aggregate decode tokens/s with 1, 8 and 32
 sequences decoding together (one row each), then prints the ratios. Both use the same thread count.
 Each figure is the best of --repeat runs, taken alternately for the two engines, since the machine
 is shared and noisy.
 
-    python benchmarks/bench_core.py [--model DIR] [--threads N] [--steps N] [--repeat N]
+    python benchmarks/bench_core.py [--model DIR] [--gguf FILE] [--threads N] [--steps N] [--repeat N]
 """
 from __future__ import annotations
 
@@ -24,9 +27,8 @@ BATCHES = (1, 8, 32)
 
 
 class Llaisys:
-    name = "llaisys"
-
-    def __init__(self, model_dir, threads):
+    def __init__(self, model_dir, threads, name="llaisys"):
+        self.name = name
         from llaisys.models import RuntimeOptions, load_model
 
         self.adapter = load_model(model_dir, RuntimeOptions(n_ctx=4096, n_seq_max=max(BATCHES),
@@ -84,6 +86,7 @@ class Transformers:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF model directory (default: the default model)")
+    parser.add_argument("--gguf", default=None, help="also run llaisys on this GGUF file, its blocks kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     parser.add_argument("--repeat", type=int, default=2)
@@ -92,7 +95,10 @@ def main() -> None:
     from llaisys.cli import resolve_model
 
     model_dir = resolve_model(args.model)
-    engines = [Llaisys(model_dir, args.threads), Transformers(model_dir, args.threads)]
+    engines = [Llaisys(model_dir, args.threads)]
+    if args.gguf:
+        engines.append(Llaisys(args.gguf, args.threads, name="llaisys-gguf"))
+    engines.append(Transformers(model_dir, args.threads))
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 20000, PROMPT_LEN).tolist()
     results: dict[tuple[str, str], float] = {}
@@ -113,11 +119,15 @@ def main() -> None:
             for engine in engines:
                 record(f"decode b={b}", engine, b * args.steps / engine.decode(prompts, args.steps))
 
-    print(f"\nmodel {model_dir}, {args.threads} threads, best of {args.repeat}")
-    print(f"{'case':<14}{'llaisys tok/s':>15}{'transformers':>15}{'ratio':>8}")
+    print(f"\nmodel {model_dir}{f' and {args.gguf}' if args.gguf else ''}, {args.threads} threads, "
+          f"best of {args.repeat}; tokens/s, ratios to transformers")
+    ours = [e.name for e in engines if e.name != "transformers"]
+    print(f"{'case':<14}" + "".join(f"{name:>15}" for name in ours) + f"{'transformers':>15}" +
+          "".join(f"{'ratio':>8}" for _ in ours))
     for case in [f"prefill {PROMPT_LEN}"] + [f"decode b={b}" for b in BATCHES]:
-        ours, ref = results[(case, "llaisys")], results[(case, "transformers")]
-        print(f"{case:<14}{ours:>15.1f}{ref:>15.1f}{ours / ref:>7.2f}x")
+        ref = results[(case, "transformers")]
+        print(f"{case:<14}" + "".join(f"{results[(case, name)]:>15.1f}" for name in ours) + f"{ref:>15.1f}" +
+              "".join(f"{results[(case, name)] / ref:>7.2f}x" for name in ours))
 
 
 if __name__ == "__main__":
