@@ -21,16 +21,9 @@ from .request import Completion, Request
 
 
 @dataclasses.dataclass
-class Share:
-    """What a running request took from the cache: its leader's positions [0, length), through node."""
-
-    node: Optional[Node] = None
-    length: int = 0
-
-
-@dataclasses.dataclass
-class Hit:
-    """A cached prefix a waiting request can take: `length` tokens, ending in node."""
+class CachedPrefix:
+    """Positions [0, length) of a leader's tokens held by the cache, through node: what a waiting
+    request can take, or what a running one took (and holds locked)."""
 
     node: Optional[Node] = None
     length: int = 0
@@ -45,7 +38,7 @@ class KvManager:
         self._ops: list[KvOp] = []
         self.cache = RadixCache(range(max_num_seqs, max_num_seqs + cache_seqs), self._ops) if cache_seqs else None
         self.max_cached_cells = max_cached_cells
-        self.shares: dict[Request, Share] = {}  # every request holding cells
+        self.shares: dict[Request, CachedPrefix] = {}  # every request holding cells
         self.queries = 0  # prompt tokens looked up in the cache (first admission of each request)
         self.hits = 0  # of those, tokens whose cells were reused
 
@@ -112,36 +105,34 @@ class KvManager:
             pass
 
     # admission
-    def find_prefix(self, request: Request) -> Hit:
+    def find_prefix(self, request: Request) -> CachedPrefix:
         """The longest cached prefix a waiting request can take, ending on a node boundary (a node
         may be split for that: the cells stay where they are). Its last token is always left to
         compute (its logits are needed); with n > 1 only the shared prompt counts, and the leader
         computes its last token again (then the others get its cells, prompt_done)."""
         if self.cache is None:
-            return Hit()
+            return CachedPrefix()
         leader = request.leader
         limit = request.num_prompt_tokens if request.params.n > 1 else leader.num_tokens
         node, length = self.cache.match(np.asarray(leader.tokens(0, limit), dtype=np.int64))
         node, length = self.cache.cut(node, min(length, limit - 1))
-        return Hit(node, length) if length > 0 else Hit()
+        return CachedPrefix(node, length) if length > 0 else CachedPrefix()
 
-    def protected(self, hit: Hit) -> int:
+    def protected(self, hit: CachedPrefix) -> int:
         """Evictable cells a hit would lock (they stop being free for the taking)."""
         if hit.node is None:
             return 0
         return sum(len(n.tokens) for n in hit.node.path() if n.lock == 0)
 
-    def admit(self, request: Request, hit: Hit) -> None:
+    def admit(self, request: Request, hit: CachedPrefix) -> None:
         """Give a request's live completions sequence slots and its leader the hit's cells."""
         for c in request.live:
             c.seq_id = self.free_slots.pop()
-        share = Share()
         if hit.node is not None:
             self.cache.lock(hit.node)
             self.cache.copy_into(hit.node, request.leader.seq_id)
-            request.leader.num_computed = share.length = hit.length
-            share.node = hit.node
-        self.shares[request] = share
+            request.leader.num_computed = hit.length
+        self.shares[request] = dataclasses.replace(hit)
         if request.metrics.first_scheduled_time is None:  # a request is counted once, not per re-admission
             self.queries += request.num_prompt_tokens
             self.hits += hit.length
@@ -162,7 +153,7 @@ class KvManager:
                 self._ops.append(SeqCp(leader.seq_id, c.seq_id, 0, n))
                 c.num_computed = n
 
-    def _relock(self, share: Share, node: Node, length: int) -> None:
+    def _relock(self, share: CachedPrefix, node: Node, length: int) -> None:
         self.cache.lock(node)
         if share.node is not None:
             self.cache.unlock(share.node)
