@@ -1,6 +1,7 @@
 #include "kernels.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -413,14 +414,14 @@ template <class F> void map16(const float *in, int64_t n, float *out, F f) {
 struct QuantizedRows {
     std::vector<int8_t> q;    // m x k
     std::vector<float> d;     // m x k / 32
-    std::vector<int32_t> sum; // m x k / 32: the sum of each block's q (for types with mins)
+    std::vector<int32_t> sum; // m x k / 16: the sum of q over each 16 columns (for offsets and mins)
 };
 
 void quantize_rows(const float *x, int32_t m, int32_t k, QuantizedRows &qx, int32_t n_threads) {
     const size_t blocks = size_t(m) * size_t(k / 32);
     // Only ever grown, as matmul_packed's buffer.
     if (qx.q.size() < size_t(m) * size_t(k)) qx.q.resize(size_t(m) * size_t(k));
-    if (qx.d.size() < blocks) qx.d.resize(blocks), qx.sum.resize(blocks);
+    if (qx.d.size() < blocks) qx.d.resize(blocks), qx.sum.resize(2 * blocks);
     int8_t *q = qx.q.data();
     float *d = qx.d.data();
     int32_t *sum = qx.sum.data();
@@ -430,14 +431,15 @@ void quantize_rows(const float *x, int32_t m, int32_t k, QuantizedRows &qx, int3
         float amax = 0.0f;
         for (int32_t e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(xb[e]));
         const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
-        int32_t total = 0;
+        int32_t total[2] = {0, 0};
         for (int32_t e = 0; e < 32; ++e) {
             const int8_t v = int8_t(std::round(xb[e] * inv)); // halves away from zero, as gguf's np_roundf
             q[b * 32 + e] = v;
-            total += v;
+            total[e / 16] += v;
         }
         d[b] = scale;
-        sum[b] = total;
+        sum[2 * b] = total[0];
+        sum[2 * b + 1] = total[1];
     }
 }
 
@@ -449,6 +451,7 @@ constexpr int kQLanes = 8;
 #endif
 typedef int32_t vqi __attribute__((vector_size(4 * kQLanes)));
 typedef float vqf __attribute__((vector_size(4 * kQLanes)));
+typedef uint32_t vqu __attribute__((vector_size(4 * kQLanes)));
 constexpr int kQHalves = kQuantPanel / kQLanes;
 
 // acc + per lane the dot product of its 4 int8 weights (w: 4 per lane) with the 4 int8 activations x4.
@@ -472,6 +475,41 @@ inline vqi dot4(vqi acc, const int8_t *w, int32_t x4) {
 #endif
 }
 
+// acc + per lane the dot product of its 4 unsigned weights q (at most 63) with the 4 int8 activations x4.
+inline vqi dot4u(vqi acc, vqu q, int32_t x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return vqi(_mm512_dpbusd_epi32(__m512i(acc), __m512i(q), _mm512_set1_epi32(x4)));
+#elif defined(__AVX2__)
+    // A pair of products fits int16: 63 * 127 * 2 < 32768.
+    const __m256i pairs = _mm256_maddubs_epi16(__m256i(q), _mm256_set1_epi32(x4));
+    return acc + vqi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#else
+    uint8_t w[4 * kQLanes];
+    int8_t x[4];
+    std::memcpy(w, &q, sizeof w);
+    std::memcpy(x, &x4, 4);
+    for (int l = 0; l < kQLanes; ++l)
+        acc[l] += w[4 * l] * x[0] + w[4 * l + 1] * x[1] + w[4 * l + 2] * x[2] + w[4 * l + 3] * x[3];
+    return acc;
+#endif
+}
+
+// Step s (4 columns) of lanes [h * kQLanes, (h + 1) * kQLanes) of a 4- to 6-bit group (quant.hpp):
+// the nibbles and high bits of each column in its own byte.
+template <int G, int kBits> inline vqu unsigned_step(const uint8_t *group, int s, int h) {
+    constexpr int half = G / 8;
+    vqu low;
+    std::memcpy(&low, group + ((s % half) * kQuantPanel + h * kQLanes) * 4, sizeof low);
+    vqu q = (s < half ? low : low >> 4) & 0x0F0F0F0Fu;
+    if constexpr (kBits > 4) {
+        constexpr uint32_t mask = kBits == 5 ? 0x01010101u : 0x03030303u;
+        vqu high;
+        std::memcpy(&high, group + G * kQuantPanel / 2 + h * kQLanes * 4, sizeof high);
+        q |= ((high >> ((kBits - 4) * s)) & mask) << 4;
+    }
+    return q;
+}
+
 inline vqf load_qf(const float *p) {
     vqf v;
     std::memcpy(&v, p, sizeof v);
@@ -480,35 +518,50 @@ inline vqf load_qf(const float *p) {
 
 // MR rows of x times one panel (16 outputs) over all of k, group by group: each group's integer
 // dot products are exact, then scaled into f32 lanes in k order, so a row's result is the same
-// whatever MR is. G: columns per scale; kMin: the type subtracts a per-group min.
-template <int G, bool kMin, int MR>
-void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t *panel, const float *bias, float *y,
-                int32_t ldy, int32_t n_valid) {
-    constexpr size_t group_bytes = size_t(G) * kQuantPanel + sizeof(float) * kQuantPanel * (kMin ? 2 : 1);
-    const int32_t blocks = k / 32;
+// whatever MR is. G: columns per scale; kBits: 8 (signed q) or 4 to 6 (unsigned q, less offset
+// times the activations' sum); kMin: the type subtracts a per-group min.
+template <int G, int kBits, bool kMin, int MR>
+void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t *panel, int32_t offset,
+                const float *bias, float *y, int32_t ldy, int32_t n_valid) {
+    constexpr size_t weight_bytes = quant_weight_bytes(G, kBits);
+    constexpr size_t group_bytes = weight_bytes + sizeof(float) * kQuantPanel * (kMin ? 2 : 1);
+    const int32_t blocks = k / 32, sixteens = k / 16;
     vqf acc[MR][kQHalves] = {};
     for (int32_t g = 0; g < k / G; ++g) {
         const uint8_t *group = panel + size_t(g) * group_bytes;
-        const int8_t *w = reinterpret_cast<const int8_t *>(group);
-        const float *scale = reinterpret_cast<const float *>(group + size_t(G) * kQuantPanel);
-        vqi dots[MR][kQHalves] = {};
+        const float *scale = reinterpret_cast<const float *>(group + weight_bytes);
+        int32_t x_sum[MR]; // sum of the group's activations
+        vqi dots[MR][kQHalves];
+        for (int i = 0; i < MR; ++i) {
+            const int32_t *sums = qx.sum.data() + size_t(row0 + i) * sixteens + g * G / 16;
+            x_sum[i] = G == 32 ? sums[0] + sums[1] : sums[0];
+            for (int h = 0; h < kQHalves; ++h) dots[i][h] = vqi{} - offset * x_sum[i];
+        }
 #pragma GCC unroll 8
-        for (int s = 0; s < G / 4; ++s)
+        for (int s = 0; s < G / 4; ++s) {
+            vqu q[kQHalves];
+            if constexpr (kBits < 8)
+                for (int h = 0; h < kQHalves; ++h) q[h] = unsigned_step<G, kBits>(group, s, h);
 #pragma GCC unroll 4
             for (int i = 0; i < MR; ++i) {
                 int32_t x4;
                 std::memcpy(&x4, qx.q.data() + size_t(row0 + i) * k + g * G + 4 * s, 4);
-                for (int h = 0; h < kQHalves; ++h)
-                    dots[i][h] = dot4(dots[i][h], w + (s * kQuantPanel + h * kQLanes) * 4, x4);
+                for (int h = 0; h < kQHalves; ++h) {
+                    if constexpr (kBits == 8)
+                        dots[i][h] = dot4(dots[i][h], reinterpret_cast<const int8_t *>(group) +
+                                                          (s * kQuantPanel + h * kQLanes) * 4, x4);
+                    else
+                        dots[i][h] = dot4u(dots[i][h], q[h], x4);
+                }
             }
+        }
         const int32_t block = g * G / 32;
         for (int i = 0; i < MR; ++i) {
             const float dx = qx.d[size_t(row0 + i) * blocks + block];
             for (int h = 0; h < kQHalves; ++h) {
                 acc[i][h] += __builtin_convertvector(dots[i][h], vqf) * (load_qf(scale + h * kQLanes) * dx);
                 if constexpr (kMin)
-                    acc[i][h] -= load_qf(scale + kQuantPanel + h * kQLanes) *
-                                 (dx * float(qx.sum[size_t(row0 + i) * blocks + block]));
+                    acc[i][h] -= load_qf(scale + kQuantPanel + h * kQLanes) * (dx * float(x_sum[i]));
             }
         }
     }
@@ -520,19 +573,24 @@ void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t 
 
 constexpr int kQuantMR = 4;
 
-using QuantTileFn = void (*)(const QuantizedRows &, int32_t, int32_t, const uint8_t *, const float *, float *, int32_t,
-                             int32_t);
+using QuantTileFn = void (*)(const QuantizedRows &, int32_t, int32_t, const uint8_t *, int32_t, const float *, float *,
+                             int32_t, int32_t);
 
-template <int G, bool kMin, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
+template <int G, int kBits, bool kMin, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
     if constexpr (MR > 1) {
-        if (mr < MR) return quant_tile_for_mr<G, kMin, MR - 1>(mr);
+        if (mr < MR) return quant_tile_for_mr<G, kBits, kMin, MR - 1>(mr);
     }
-    return quant_tile<G, kMin, MR>;
+    return quant_tile<G, kBits, kMin, MR>;
 }
 
+// The tile of each block type's packed form; a type with no entry here fails its first matmul.
 QuantTileFn quant_tile_for(const TypeTraits &t, int mr) {
-    if (t.group == 16) return t.has_min ? quant_tile_for_mr<16, true>(mr) : quant_tile_for_mr<16, false>(mr);
-    return t.has_min ? quant_tile_for_mr<32, true>(mr) : quant_tile_for_mr<32, false>(mr);
+    if (t.group == 32 && t.bits == 8 && !t.has_min) return quant_tile_for_mr<32, 8, false>(mr);   // Q8_0
+    if (t.group == 32 && t.bits == 4 && !t.has_min) return quant_tile_for_mr<32, 4, false>(mr);   // Q4_0
+    if (t.group == 32 && t.bits == 5 && !t.has_min) return quant_tile_for_mr<32, 5, false>(mr);   // Q5_0
+    if (t.group == 32 && t.bits == 4 && t.has_min) return quant_tile_for_mr<32, 4, true>(mr);     // Q4_K
+    if (t.group == 16 && t.bits == 6 && !t.has_min) return quant_tile_for_mr<16, 6, false>(mr);   // Q6_K
+    throw std::logic_error(std::string("no int8 kernel for ") + t.name);
 }
 
 // Several block-type products of the same x: x is quantized once, and the products' units (up to
@@ -544,6 +602,10 @@ void matmul_quant(const float *x, int32_t m, int32_t k, const MatmulOut *outs, i
     constexpr int32_t kUnitPanels = 4;
     const SharedTiles units(outs, count, m, k, kQuantPanel, kUnitPanels);
     const int32_t n_units = units.size();
+    // Each product's tiles by row count, resolved here: a worker thread must not throw.
+    std::vector<std::array<QuantTileFn, kQuantMR + 1>> tiles(static_cast<size_t>(count));
+    for (int32_t o = 0; o < count; ++o)
+        for (int mr = 1; mr <= kQuantMR; ++mr) tiles[size_t(o)][size_t(mr)] = quant_tile_for(*type_traits(outs[o].w.dtype), mr);
     // Rows of x per block: about 128 KB of int8 activations stay in L2 while a unit's panels pass.
     const int32_t m_block = std::max(kQuantMR, 128 * 1024 / std::max(k, 1) / kQuantMR * kQuantMR);
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (units.flops > 32768)
@@ -561,8 +623,8 @@ void matmul_quant(const float *x, int32_t m, int32_t k, const MatmulOut *outs, i
                 const int32_t col = p * kQuantPanel, n_valid = std::min(kQuantPanel, n - col);
                 for (int32_t i0 = m0; i0 < m1; i0 += kQuantMR) {
                     const int32_t mr = std::min(kQuantMR, m1 - i0);
-                    quant_tile_for(t, mr)(xq, k, i0, panel, out.bias ? out.bias + col : nullptr,
-                                          out.y + size_t(i0) * out.ldy + col, out.ldy, n_valid);
+                    tiles[size_t(o)][size_t(mr)](xq, k, i0, panel, t.offset, out.bias ? out.bias + col : nullptr,
+                                                 out.y + size_t(i0) * out.ldy + col, out.ldy, n_valid);
                 }
             }
         }

@@ -94,14 +94,14 @@ void decode_q6_k(const uint8_t *b, int8_t *w, float *scale, float *min) {
     fill(min, 16, 0.0f);
 }
 
-constexpr TypeTraits kF32 = {LLAISYS_DTYPE_F32, "f32", 1, 4, false, 0, false, nullptr};
-constexpr TypeTraits kF16 = {LLAISYS_DTYPE_F16, "f16", 1, 2, false, 0, false, nullptr};
-constexpr TypeTraits kBF16 = {LLAISYS_DTYPE_BF16, "bf16", 1, 2, false, 0, false, nullptr};
-constexpr TypeTraits kQ8_0 = {LLAISYS_DTYPE_Q8_0, "q8_0", 32, 34, true, 32, false, decode_q8_0};
-constexpr TypeTraits kQ4_0 = {LLAISYS_DTYPE_Q4_0, "q4_0", 32, 18, true, 32, false, decode_q4_0};
-constexpr TypeTraits kQ5_0 = {LLAISYS_DTYPE_Q5_0, "q5_0", 32, 22, true, 32, false, decode_q5_0};
-constexpr TypeTraits kQ4_K = {LLAISYS_DTYPE_Q4_K, "q4_k", kQK, 144, true, 32, true, decode_q4_k};
-constexpr TypeTraits kQ6_K = {LLAISYS_DTYPE_Q6_K, "q6_k", kQK, 210, true, 16, false, decode_q6_k};
+constexpr TypeTraits kF32 = {LLAISYS_DTYPE_F32, "f32", 1, 4, false, 0, 0, 0, false, nullptr};
+constexpr TypeTraits kF16 = {LLAISYS_DTYPE_F16, "f16", 1, 2, false, 0, 0, 0, false, nullptr};
+constexpr TypeTraits kBF16 = {LLAISYS_DTYPE_BF16, "bf16", 1, 2, false, 0, 0, 0, false, nullptr};
+constexpr TypeTraits kQ8_0 = {LLAISYS_DTYPE_Q8_0, "q8_0", 32, 34, true, 32, 8, 0, false, decode_q8_0};
+constexpr TypeTraits kQ4_0 = {LLAISYS_DTYPE_Q4_0, "q4_0", 32, 18, true, 32, 4, 8, false, decode_q4_0};
+constexpr TypeTraits kQ5_0 = {LLAISYS_DTYPE_Q5_0, "q5_0", 32, 22, true, 32, 5, 16, false, decode_q5_0};
+constexpr TypeTraits kQ4_K = {LLAISYS_DTYPE_Q4_K, "q4_k", kQK, 144, true, 32, 4, 0, true, decode_q4_k};
+constexpr TypeTraits kQ6_K = {LLAISYS_DTYPE_Q6_K, "q6_k", kQK, 210, true, 16, 6, 32, false, decode_q6_k};
 
 constexpr int32_t kMaxBlock = kQK;
 
@@ -114,6 +114,42 @@ struct BlockDecoder {
     // The exact value of element e of the decoded block.
     float value(int32_t e) const { return scale[e / 16] * float(w[e]) - min[e / 16]; }
 };
+
+// Where column e of row r lives in a packed group's weights (quant.hpp's layouts).
+struct PackedPos {
+    size_t low;         // the byte holding q (8 bits) or its low nibble
+    int32_t low_shift;  // 0 or 4: which nibble
+    size_t high;        // the byte holding the high bits (5 and 6 bits)
+    int32_t high_shift; // their position in it
+};
+
+PackedPos packed_pos(const TypeTraits &t, int32_t r, int32_t e) {
+    const int32_t step = e / 4, col = e % 4;
+    if (t.bits == 8) return {size_t((step * kQuantPanel + r) * 4 + col), 0, 0, 0};
+    const int32_t half = t.group / 8;
+    return {size_t(((step % half) * kQuantPanel + r) * 4 + col), step < half ? 0 : 4,
+            size_t(t.group) * kQuantPanel / 2 + size_t(r * 4 + col), (t.bits - 4) * step};
+}
+
+void put_q(const TypeTraits &t, uint8_t *weights, int32_t r, int32_t e, int8_t w) {
+    const PackedPos at = packed_pos(t, r, e);
+    if (t.bits == 8) {
+        weights[at.low] = uint8_t(w);
+        return;
+    }
+    const uint32_t q = uint32_t(w + t.offset);
+    weights[at.low] = uint8_t(weights[at.low] | (q & 0x0F) << at.low_shift);
+    if (t.bits > 4) weights[at.high] = uint8_t(weights[at.high] | (q >> 4) << at.high_shift);
+}
+
+// q - offset of column e of row r.
+int32_t get_w(const TypeTraits &t, const uint8_t *weights, int32_t r, int32_t e) {
+    const PackedPos at = packed_pos(t, r, e);
+    if (t.bits == 8) return int8_t(weights[at.low]);
+    int32_t q = (weights[at.low] >> at.low_shift) & 0x0F;
+    if (t.bits > 4) q |= ((weights[at.high] >> at.high_shift) & ((1 << (t.bits - 4)) - 1)) << 4;
+    return q - t.offset;
+}
 
 } // namespace
 
@@ -156,10 +192,8 @@ void quant_pack(const TypeTraits &t, const uint8_t *rows, int32_t n, int32_t k, 
                 dec.decode(row + size_t(b) * size_t(t.block_bytes));
                 for (int32_t g = 0; g < groups_per_block; ++g) {
                     uint8_t *group = panel + size_t(b * groups_per_block + g) * gbytes;
-                    int8_t *w = reinterpret_cast<int8_t *>(group);
-                    float *scale = reinterpret_cast<float *>(group + size_t(t.group) * kQuantPanel);
-                    for (int32_t e = 0; e < t.group; ++e)
-                        w[(e / 4) * 4 * kQuantPanel + r * 4 + e % 4] = dec.w[g * t.group + e];
+                    float *scale = reinterpret_cast<float *>(group + quant_weight_bytes(t.group, t.bits));
+                    for (int32_t e = 0; e < t.group; ++e) put_q(t, group, r, e, dec.w[g * t.group + e]);
                     scale[r] = dec.scale[g * t.group / 16];
                     if (t.has_min) scale[kQuantPanel + r] = dec.min[g * t.group / 16];
                 }
@@ -174,11 +208,9 @@ void quant_packed_row(const TypeTraits &t, const uint8_t *packed, int32_t k, int
     const uint8_t *panel = packed + size_t(row / kQuantPanel) * size_t(groups) * gbytes;
     for (int32_t g = 0; g < groups; ++g) {
         const uint8_t *group = panel + size_t(g) * gbytes;
-        const int8_t *w = reinterpret_cast<const int8_t *>(group);
-        const float *scale = reinterpret_cast<const float *>(group + size_t(t.group) * kQuantPanel);
+        const float *scale = reinterpret_cast<const float *>(group + quant_weight_bytes(t.group, t.bits));
         const float min = t.has_min ? scale[kQuantPanel + r] : 0.0f;
-        for (int32_t e = 0; e < t.group; ++e)
-            out[g * t.group + e] = scale[r] * float(w[(e / 4) * 4 * kQuantPanel + r * 4 + e % 4]) - min;
+        for (int32_t e = 0; e < t.group; ++e) out[g * t.group + e] = scale[r] * float(get_w(t, group, r, e)) - min;
     }
 }
 

@@ -2,10 +2,15 @@
 // decoding and packing (block layouts as in ggml-common.h).
 //
 // A quantized matrix is stored packed for the int8 kernels: panels of 16 rows; in each panel,
-// per group of G columns (G = the type's scale group, 16 or 32), the 16 rows' weights as int8
-// (q - offset) ordered [G / 4][16 rows][4 columns], then the 16 rows' f32 scales, then, for types
-// with mins (Q4_K), their 16 f32 mins. An element's value is scale * w - min, which reproduces
-// gguf.quants.dequantize bit for bit.
+// per group of G columns (G = the type's scale group, 16 or 32), the 16 rows' weights, then their
+// 16 f32 scales, then, for types with mins (Q4_K), their 16 f32 mins. A kernel step is 4 columns
+// of the 16 rows (a 4-byte lane per row). The weights are
+//   8-bit types: int8 q, [G / 4 steps][16 rows][4 columns];
+//   4- to 6-bit types: unsigned q as low nibbles [G / 8][16][4] (step s in the low nibbles of word
+//   s, step s + G / 8 in the high ones), then for 5 and 6 bits one word per row whose byte t holds
+//   at bits [h s, h s + h) the h high bits of column 4 s + t.
+// An element's value is scale * (q - offset) - min, which reproduces gguf.quants.dequantize bit
+// for bit.
 #pragma once
 
 #include <cstddef>
@@ -17,7 +22,7 @@ namespace llaisys {
 
 constexpr int32_t kQuantPanel = 16; // rows per panel of a packed quantized matrix
 
-// One GGUF block decoded: block_elems int8 weights and a scale and min per 16 elements.
+// One GGUF block decoded: block_elems int8 weights q - offset and a scale and min per 16 elements.
 using DecodeBlockFn = void (*)(const uint8_t *block, int8_t *w, float *scale, float *min);
 
 struct TypeTraits {
@@ -27,7 +32,9 @@ struct TypeTraits {
     int32_t block_bytes;  // bytes per block as the caller writes it (GGUF layout for block types)
     bool quantized;       // a GGUF block type: only matrices hold it, packed for the int8 kernels
     int32_t group;        // quantized: columns sharing one scale in the packed form (16 or 32)
-    bool has_min;         // quantized: elements are scale * w - min with a per-group min
+    int32_t bits;         // quantized: bits of q (8: signed; 4 to 6: unsigned)
+    int32_t offset;       // quantized: subtracted from q (unsigned types)
+    bool has_min;         // quantized: elements are scale * (q - offset) - min with a per-group min
     DecodeBlockFn decode; // quantized: one block to int8 weights, scales and mins
 };
 
@@ -47,9 +54,12 @@ void quant_packed_row(const TypeTraits &t, const uint8_t *packed, int32_t k, int
 // n elements of row-major GGUF blocks as f32 (n a whole number of blocks).
 void quant_dequantize(const TypeTraits &t, const uint8_t *blocks, int64_t n, float *out);
 
-// Bytes of one packed group of a panel (16 rows x group columns with their scales and mins).
+// Bytes of the weights of one packed group of a panel, and of the whole group with its scales and mins.
+constexpr size_t quant_weight_bytes(int32_t group, int32_t bits) {
+    return bits == 8 ? size_t(group) * kQuantPanel : size_t(group) * kQuantPanel / 8 * size_t(4 + (bits - 4));
+}
 inline size_t quant_group_bytes(const TypeTraits &t) {
-    return size_t(t.group) * kQuantPanel + sizeof(float) * kQuantPanel * (t.has_min ? 2 : 1);
+    return quant_weight_bytes(t.group, t.bits) + sizeof(float) * kQuantPanel * (t.has_min ? 2 : 1);
 }
 
 } // namespace llaisys
