@@ -510,26 +510,35 @@ template <int G, int kBits> inline vqu unsigned_step(const uint8_t *group, int s
     return q;
 }
 
-inline vqf load_qf(const float *p) {
-    vqf v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
+typedef _Float16 vqh __attribute__((vector_size(2 * kQLanes)));
+
+// kQLanes consecutive scales of a packed group, f16 or f32.
+template <bool kHalf> inline vqf load_scales(const uint8_t *p) {
+    if constexpr (kHalf) {
+        vqh h;
+        std::memcpy(&h, p, sizeof h);
+        return __builtin_convertvector(h, vqf);
+    } else {
+        vqf v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
 }
 
 // MR rows of x times one panel (16 outputs) over all of k, group by group: each group's integer
 // dot products are exact, then scaled into f32 lanes in k order, so a row's result is the same
 // whatever MR is. G: columns per scale; kBits: 8 (signed q) or 4 to 6 (unsigned q, less offset
 // times the activations' sum); kMin: the type subtracts a per-group min.
-template <int G, int kBits, bool kMin, int MR>
+template <int G, int kBits, bool kMin, bool kHalf, int MR>
 void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t *panel, int32_t offset,
                 const float *bias, float *y, int32_t ldy, int32_t n_valid) {
     constexpr size_t weight_bytes = quant_weight_bytes(G, kBits);
-    constexpr size_t group_bytes = weight_bytes + sizeof(float) * kQuantPanel * (kMin ? 2 : 1);
+    constexpr size_t group_bytes = quant_group_bytes(G, kBits, kMin, kHalf), scale_bytes = kHalf ? 2 : 4;
     const int32_t blocks = k / 32, sixteens = k / 16;
     vqf acc[MR][kQHalves] = {};
     for (int32_t g = 0; g < k / G; ++g) {
         const uint8_t *group = panel + size_t(g) * group_bytes;
-        const float *scale = reinterpret_cast<const float *>(group + weight_bytes);
+        const uint8_t *scales = group + weight_bytes;
         int32_t x_sum[MR]; // sum of the group's activations
         vqi dots[MR][kQHalves];
         for (int i = 0; i < MR; ++i) {
@@ -559,9 +568,10 @@ void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t 
         for (int i = 0; i < MR; ++i) {
             const float dx = qx.d[size_t(row0 + i) * blocks + block];
             for (int h = 0; h < kQHalves; ++h) {
-                acc[i][h] += __builtin_convertvector(dots[i][h], vqf) * (load_qf(scale + h * kQLanes) * dx);
+                acc[i][h] += __builtin_convertvector(dots[i][h], vqf) * (load_scales<kHalf>(scales + h * kQLanes * scale_bytes) * dx);
                 if constexpr (kMin)
-                    acc[i][h] -= load_qf(scale + kQuantPanel + h * kQLanes) * (dx * float(x_sum[i]));
+                    acc[i][h] -= load_scales<kHalf>(scales + (kQuantPanel + h * kQLanes) * scale_bytes) *
+                                 (dx * float(x_sum[i]));
             }
         }
     }
@@ -576,20 +586,24 @@ constexpr int kQuantMR = 4;
 using QuantTileFn = void (*)(const QuantizedRows &, int32_t, int32_t, const uint8_t *, int32_t, const float *, float *,
                              int32_t, int32_t);
 
-template <int G, int kBits, bool kMin, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
+template <int G, int kBits, bool kMin, bool kHalf, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
     if constexpr (MR > 1) {
-        if (mr < MR) return quant_tile_for_mr<G, kBits, kMin, MR - 1>(mr);
+        if (mr < MR) return quant_tile_for_mr<G, kBits, kMin, kHalf, MR - 1>(mr);
     }
-    return quant_tile<G, kBits, kMin, MR>;
+    return quant_tile<G, kBits, kMin, kHalf, MR>;
 }
 
 // The tile of each block type's packed form; a type with no entry here fails its first matmul.
 QuantTileFn quant_tile_for(const TypeTraits &t, int mr) {
-    if (t.group == 32 && t.bits == 8 && !t.has_min) return quant_tile_for_mr<32, 8, false>(mr);   // Q8_0
-    if (t.group == 32 && t.bits == 4 && !t.has_min) return quant_tile_for_mr<32, 4, false>(mr);   // Q4_0
-    if (t.group == 32 && t.bits == 5 && !t.has_min) return quant_tile_for_mr<32, 5, false>(mr);   // Q5_0
-    if (t.group == 32 && t.bits == 4 && t.has_min) return quant_tile_for_mr<32, 4, true>(mr);     // Q4_K
-    if (t.group == 16 && t.bits == 6 && !t.has_min) return quant_tile_for_mr<16, 6, false>(mr);   // Q6_K
+    // Chosen by the layout's parameters, so a kernel always matches the panels it reads.
+    const auto is = [&t](int32_t group, int32_t bits, bool has_min, bool half_scale) {
+        return t.group == group && t.bits == bits && t.has_min == has_min && t.half_scale == half_scale;
+    };
+    if (is(32, 8, false, true)) return quant_tile_for_mr<32, 8, false, true>(mr);  // Q8_0
+    if (is(32, 4, false, true)) return quant_tile_for_mr<32, 4, false, true>(mr);  // Q4_0
+    if (is(32, 5, false, true)) return quant_tile_for_mr<32, 5, false, true>(mr);  // Q5_0
+    if (is(32, 4, true, false)) return quant_tile_for_mr<32, 4, true, false>(mr);  // Q4_K
+    if (is(16, 6, false, false)) return quant_tile_for_mr<16, 6, false, false>(mr); // Q6_K
     throw std::logic_error(std::string("no int8 kernel for ") + t.name);
 }
 

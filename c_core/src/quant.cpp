@@ -94,14 +94,14 @@ void decode_q6_k(const uint8_t *b, int8_t *w, float *scale, float *min) {
     fill(min, 16, 0.0f);
 }
 
-constexpr TypeTraits kF32 = {LLAISYS_DTYPE_F32, "f32", 1, 4, false, 0, 0, 0, false, nullptr};
-constexpr TypeTraits kF16 = {LLAISYS_DTYPE_F16, "f16", 1, 2, false, 0, 0, 0, false, nullptr};
-constexpr TypeTraits kBF16 = {LLAISYS_DTYPE_BF16, "bf16", 1, 2, false, 0, 0, 0, false, nullptr};
-constexpr TypeTraits kQ8_0 = {LLAISYS_DTYPE_Q8_0, "q8_0", 32, 34, true, 32, 8, 0, false, decode_q8_0};
-constexpr TypeTraits kQ4_0 = {LLAISYS_DTYPE_Q4_0, "q4_0", 32, 18, true, 32, 4, 8, false, decode_q4_0};
-constexpr TypeTraits kQ5_0 = {LLAISYS_DTYPE_Q5_0, "q5_0", 32, 22, true, 32, 5, 16, false, decode_q5_0};
-constexpr TypeTraits kQ4_K = {LLAISYS_DTYPE_Q4_K, "q4_k", kQK, 144, true, 32, 4, 0, true, decode_q4_k};
-constexpr TypeTraits kQ6_K = {LLAISYS_DTYPE_Q6_K, "q6_k", kQK, 210, true, 16, 6, 32, false, decode_q6_k};
+constexpr TypeTraits kF32 = {LLAISYS_DTYPE_F32, "f32", 1, 4, false, 0, 0, 0, false, false, nullptr};
+constexpr TypeTraits kF16 = {LLAISYS_DTYPE_F16, "f16", 1, 2, false, 0, 0, 0, false, false, nullptr};
+constexpr TypeTraits kBF16 = {LLAISYS_DTYPE_BF16, "bf16", 1, 2, false, 0, 0, 0, false, false, nullptr};
+constexpr TypeTraits kQ8_0 = {LLAISYS_DTYPE_Q8_0, "q8_0", 32, 34, true, 32, 8, 0, false, true, decode_q8_0};
+constexpr TypeTraits kQ4_0 = {LLAISYS_DTYPE_Q4_0, "q4_0", 32, 18, true, 32, 4, 8, false, true, decode_q4_0};
+constexpr TypeTraits kQ5_0 = {LLAISYS_DTYPE_Q5_0, "q5_0", 32, 22, true, 32, 5, 16, false, true, decode_q5_0};
+constexpr TypeTraits kQ4_K = {LLAISYS_DTYPE_Q4_K, "q4_k", kQK, 144, true, 32, 4, 0, true, false, decode_q4_k};
+constexpr TypeTraits kQ6_K = {LLAISYS_DTYPE_Q6_K, "q6_k", kQK, 210, true, 16, 6, 32, false, false, decode_q6_k};
 
 constexpr int32_t kMaxBlock = kQK;
 
@@ -151,6 +151,23 @@ int32_t get_w(const TypeTraits &t, const uint8_t *weights, int32_t r, int32_t e)
     return q - t.offset;
 }
 
+// Scale (or min) i of a packed group, f16 or f32 as the type keeps them.
+void put_scale(const TypeTraits &t, uint8_t *scales, int32_t i, float value) {
+    if (t.half_scale) {
+        const uint16_t h = f32_to_f16(value); // exact: the value was an f16
+        std::memcpy(scales + 2 * i, &h, 2);
+    } else {
+        std::memcpy(scales + 4 * i, &value, 4);
+    }
+}
+
+float get_scale(const TypeTraits &t, const uint8_t *scales, int32_t i) {
+    if (t.half_scale) return load_f16(scales + 2 * i);
+    float value;
+    std::memcpy(&value, scales + 4 * i, 4);
+    return value;
+}
+
 } // namespace
 
 const TypeTraits *type_traits(int32_t dtype) {
@@ -192,10 +209,10 @@ void quant_pack(const TypeTraits &t, const uint8_t *rows, int32_t n, int32_t k, 
                 dec.decode(row + size_t(b) * size_t(t.block_bytes));
                 for (int32_t g = 0; g < groups_per_block; ++g) {
                     uint8_t *group = panel + size_t(b * groups_per_block + g) * gbytes;
-                    float *scale = reinterpret_cast<float *>(group + quant_weight_bytes(t.group, t.bits));
+                    uint8_t *scales = group + quant_weight_bytes(t.group, t.bits);
                     for (int32_t e = 0; e < t.group; ++e) put_q(t, group, r, e, dec.w[g * t.group + e]);
-                    scale[r] = dec.scale[g * t.group / 16];
-                    if (t.has_min) scale[kQuantPanel + r] = dec.min[g * t.group / 16];
+                    put_scale(t, scales, r, dec.scale[g * t.group / 16]);
+                    if (t.has_min) put_scale(t, scales, kQuantPanel + r, dec.min[g * t.group / 16]);
                 }
             }
         }
@@ -208,9 +225,9 @@ void quant_packed_row(const TypeTraits &t, const uint8_t *packed, int32_t k, int
     const uint8_t *panel = packed + size_t(row / kQuantPanel) * size_t(groups) * gbytes;
     for (int32_t g = 0; g < groups; ++g) {
         const uint8_t *group = panel + size_t(g) * gbytes;
-        const float *scale = reinterpret_cast<const float *>(group + quant_weight_bytes(t.group, t.bits));
-        const float min = t.has_min ? scale[kQuantPanel + r] : 0.0f;
-        for (int32_t e = 0; e < t.group; ++e) out[g * t.group + e] = scale[r] * float(get_w(t, group, r, e)) - min;
+        const uint8_t *scales = group + quant_weight_bytes(t.group, t.bits);
+        const float scale = get_scale(t, scales, r), min = t.has_min ? get_scale(t, scales, kQuantPanel + r) : 0.0f;
+        for (int32_t e = 0; e < t.group; ++e) out[g * t.group + e] = scale * float(get_w(t, group, r, e)) - min;
     }
 }
 

@@ -3,8 +3,9 @@
 //
 // A quantized matrix is stored packed for the int8 kernels: panels of 16 rows; in each panel,
 // per group of G columns (G = the type's scale group, 16 or 32), the 16 rows' weights, then their
-// 16 f32 scales, then, for types with mins (Q4_K), their 16 f32 mins. A kernel step is 4 columns
-// of the 16 rows (a 4-byte lane per row). The weights are
+// 16 scales, then, for types with mins (Q4_K), their 16 mins. Scales are f16 for the types whose
+// block scale is one f16 (Q8_0, Q4_0, Q5_0: exact, so the panels are as small as GGUF's blocks),
+// f32 otherwise. A kernel step is 4 columns of the 16 rows (a 4-byte lane per row). The weights are
 //   8-bit types: int8 q, [G / 4 steps][16 rows][4 columns];
 //   4- to 6-bit types: unsigned q as low nibbles [G / 8][16][4] (step s in the low nibbles of word
 //   s, step s + G / 8 in the high ones), then for 5 and 6 bits one word per row whose byte t holds
@@ -35,6 +36,7 @@ struct TypeTraits {
     int32_t bits;         // quantized: bits of q (8: signed; 4 to 6: unsigned)
     int32_t offset;       // quantized: subtracted from q (unsigned types)
     bool has_min;         // quantized: elements are scale * (q - offset) - min with a per-group min
+    bool half_scale;      // quantized: the packed scales are f16 (else f32)
     DecodeBlockFn decode; // quantized: one block to int8 weights, scales and mins
 };
 
@@ -58,8 +60,11 @@ void quant_dequantize(const TypeTraits &t, const uint8_t *blocks, int64_t n, flo
 constexpr size_t quant_weight_bytes(int32_t group, int32_t bits) {
     return bits == 8 ? size_t(group) * kQuantPanel : size_t(group) * kQuantPanel / 8 * size_t(4 + (bits - 4));
 }
+constexpr size_t quant_group_bytes(int32_t group, int32_t bits, bool has_min, bool half_scale) {
+    return quant_weight_bytes(group, bits) + (half_scale ? 2 : 4) * size_t(kQuantPanel) * (has_min ? 2 : 1);
+}
 inline size_t quant_group_bytes(const TypeTraits &t) {
-    return quant_weight_bytes(t.group, t.bits) + sizeof(float) * kQuantPanel * (t.has_min ? 2 : 1);
+    return quant_group_bytes(t.group, t.bits, t.has_min, t.half_scale);
 }
 
 } // namespace llaisys
