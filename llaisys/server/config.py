@@ -39,7 +39,8 @@ KINDS = {int: "an integer", float: "a number", _flag: "1/0, true/false, yes/no o
 
 @dataclasses.dataclass
 class ServerConfig:
-    """model:             an HF Qwen2 (or mock) model directory; None = the default model.
+    """model:             an HF Qwen2 (or mock) model directory or a Qwen2 .gguf; None = the default model
+                       (its GGUF, quantized blocks kept; weight_dtype="bf16" for the bf16 weights).
     served_model_name: the id clients pass as `model`; None = the model directory's name.
     api_key:           when set, every /v1/* request needs `Authorization: Bearer <key>`
                        (a comma-separated list allows several keys).

@@ -69,9 +69,9 @@ class ModelService:
     def _load(self) -> AsyncLLM:
         model = self.config.model
         if model is None:
-            from ..models.default_model import fetch_model
+            from ..models.default_model import fetch_gguf
 
-            model = fetch_model()
+            model = fetch_gguf()
         log.info("loading %s", model)
         return AsyncLLM.from_engine_args(self.config.engine_args(Path(model)))
 
