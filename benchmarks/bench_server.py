@@ -30,8 +30,8 @@ of the run, warmup and drain included. With many clients the first round of requ
 together and is slow to spread out: give N=32 a warmup longer than one reply (20 s by default).
 
 llaisys is either --url (already running) or started here from --model DIR (default: the default
-model) with hypercorn and the server's defaults (32 sequences at once, 16384 KV cells, 512 tokens
-per step, all cores). A peer runs the same workload side by side: --peer-url, or --peer-cmd, a
+model's GGUF, as `llaisys serve` runs it) with hypercorn and the server's defaults (32 sequences
+at once, 16384 KV cells, 512 tokens per step, all cores). A peer runs the same workload side by side: --peer-url, or --peer-cmd, a
 command line with a {port} placeholder that this script starts, waits for (GET /health == 200)
 and stops. The two servers alternate per N (and per round, with --rounds; the best tokens/s of
 each is kept), and a ratio table llaisys/peer is printed.
@@ -404,9 +404,9 @@ def llaisys_server(args) -> Iterator[str]:
         return
     model = args.model
     if model is None:
-        from llaisys.models.default_model import fetch_model
+        from llaisys.models.default_model import fetch_gguf
 
-        model = fetch_model()
+        model = fetch_gguf()  # as `llaisys serve` runs it
     log.info("starting llaisys on %s", model)
     with running_server(model) as url:
         yield url
