@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=0, help="worker threads (0 = all cores)")
     gen.add_argument("--ctx", type=int, default=4096, help="KV cache size in tokens")
     gen.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default="f32")
-    gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None,
+    gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
                      help="convert weights at load (default: keep the checkpoint's, a GGUF's blocks too; f32 = exact "
-                          "products)")
+                          "products; q8_0 = every matrix as 8-bit blocks)")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible API and the chat page (flags override LLAISYS_* "
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--request-timeout", type=float, default=None, help="seconds per request, 0 = none (600)")
     srv.add_argument("--threads", type=int, default=None, help="worker threads (0 = all cores)")
     srv.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default=None)
-    srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None)
+    srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None)
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")
     srv.add_argument("--prefix-cache-max-cells", type=int, default=None,
                      help="cached KV cells kept that no running request uses (default: as many as are free)")

@@ -84,6 +84,17 @@ def test_tiny_gguf_blocks_close_to_bf16_with_the_same_tokenizer(tiny, cache):
     assert len(list((cache / "gguf-model-files").iterdir())) == 1
 
 
+def test_q8_0_at_load_quantizes_the_matrices_of_a_directory_and_of_a_gguf(tiny):
+    gguf_path, hf_dir = tiny
+    ids = list(range(3, 40))
+    want = all_logits(load_model(hf_dir, OPTIONS), ids)
+    q8_0 = RuntimeOptions(n_ctx=64, weight_dtype="q8_0")
+    for source in (hf_dir, gguf_path):
+        got = all_logits(load_model(source, q8_0), ids)
+        # Not the float weights (so quantized), and close to them.
+        assert 0 < np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want)), source
+
+
 def test_gguf_of_another_architecture_is_refused(tmp_path):
     import gguf
 
@@ -127,6 +138,19 @@ def test_default_gguf_blocks_against_bf16_directory(default_pair):
     prompt = blocks.chat_token_ids([{"role": "user", "content": "Write a Python function that reverses a string."}])
     ours, theirs = greedy(blocks, prompt, 32), greedy(bf16, prompt, 32)
     assert ours[:16] == theirs[:16]  # measured: all 32 identical
+
+
+@pytest.mark.slow
+def test_default_directory_as_q8_0_against_bf16(default_pair, default_model):
+    bf16 = default_pair[1]
+    q8_0 = load_model(default_model, RuntimeOptions(n_ctx=1024, n_seq_max=3, n_batch=512, weight_dtype="q8_0"))
+    ids = bf16.encode((REPO / "docs" / "engine.md").read_text())[:512]
+    p, q = log_softmax(all_logits(bf16, ids)), log_softmax(all_logits(q8_0, ids))
+    kld = (np.exp(p) * (p - q)).sum(axis=1)
+    top1 = float(np.mean(p.argmax(axis=1) == q.argmax(axis=1)))
+    print(f"q8_0 against bf16: mean KLD {kld.mean():.5f}, top-1 {top1:.4f}")
+    assert kld.mean() <= 0.002, kld.mean()  # the bar for Q8_0
+    assert top1 >= 0.97, top1  # measured 0.975: under the 0.98 (int8 activations; see the doc)
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 Everything but the weights (config.json, generation_config.json, the tokenizer files with the chat
 template) is written once from the file's metadata by gguf_convert into a cache directory keyed by
 that metadata; the adapter then reads them as from an HF directory. With RuntimeOptions.weight_dtype
-set (f32, f16, bf16) every matrix is dequantized to that type instead, which reproduces the
-converted HF directory of the same file.
+set to a float type (f32, f16, bf16) every matrix is dequantized to that type instead, which
+reproduces the converted HF directory of the same file; with "q8_0" every matrix becomes Q8_0.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .base import ModelLoadError, RuntimeOptions, read_config
 from .gguf_convert import (TIE_DISTANCE, GGUFConversionError, bits_per_weight, read_qwen2_gguf, slot_name,
                            tie_distance, write_model_files)
 from .qwen2 import Qwen2Adapter, load_tokenizer, model_params
+from .requantize import QUANTIZED_DTYPES, float_dtype_of, quantizes, to_blocks
 from .safetensors_io import f32_to_bf16_bits
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,15 @@ def load_gguf(path: str | Path, options: RuntimeOptions | None = None) -> Qwen2A
     embedding, tied = _embedding_tensor(tensors)
     files = _model_files(path, meta, int(embedding.shape[1]), tied)
     config = read_config(files)
-    float_dtype = options.weight_dtype or "f32"  # GGUF norms and biases are f32
+    wanted = options.weight_dtype
+    float_dtype = float_dtype_of(wanted) if wanted else "f32"  # GGUF norms and biases are f32
     try:
         model = Model("qwen2", model_params(config, float_dtype, options))
     except InvalidArgumentError as e:
         raise ModelLoadError(f"{path}: {e}") from e
-    keep_blocks = options.weight_dtype is None
-    log.info("loading %s from %s", "GGUF blocks" if keep_blocks else f"{float_dtype} weights", path)
+    keep_blocks = wanted is None
+    quantize_to = wanted if wanted in QUANTIZED_DTYPES else None
+    log.info("loading %s from %s", "GGUF blocks" if keep_blocks else f"{wanted} weights", path)
     slots = set(model.weight_names())
     for tensor in reader.tensors:
         if tensor.name in ("token_embd.weight", "output.weight") and tied:
@@ -126,18 +129,24 @@ def load_gguf(path: str | Path, options: RuntimeOptions | None = None) -> Qwen2A
             slot = slot_name(tensor.name)
         if slot not in slots:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r}")
-        _write_tensor(model, slot, tensor, float_dtype, keep_blocks)
+        _write_tensor(model, slot, tensor, float_dtype, keep_blocks, quantize_to)
     missing = [name for name in model.weight_names() if not model.weight_is_set(name)]
     if missing:
         raise ModelLoadError(f"{path}: no tensor for slot {missing[0]!r} ({len(missing)} missing)")
     return Qwen2Adapter(files, config, model, load_tokenizer(files))
 
 
-def _write_tensor(model: Model, slot: str, tensor, float_dtype: str, keep_blocks: bool) -> None:
+def _write_tensor(model: Model, slot: str, tensor, float_dtype: str, keep_blocks: bool,
+                  quantize_to: str | None) -> None:
     shape = _shape(tensor)
+    block_type = BLOCK_TYPES.get(tensor.tensor_type)
     try:
-        if keep_blocks and tensor.tensor_type in BLOCK_TYPES and len(shape) == 2:
-            model.replace_weight(slot, tensor.data, BLOCK_TYPES[tensor.tensor_type], shape=shape)
+        if len(shape) == 2 and block_type and (keep_blocks or block_type == quantize_to):
+            model.replace_weight(slot, tensor.data, block_type, shape=shape)
+            return
+        if quantize_to and quantizes(shape, quantize_to):
+            model.replace_weight(slot, to_blocks(_f32(tensor.data, tensor.tensor_type, shape), quantize_to),
+                                 quantize_to, shape=shape)
             return
         if keep_blocks and len(shape) == 2 and tensor.tensor_type not in (QT.F32, QT.F16, QT.BF16):
             log.warning("%s is %s, which the core does not hold: dequantized to %s", tensor.name,

@@ -1,7 +1,8 @@
 """The Qwen2 adapter: any HF Qwen2 directory -> a core "qwen2" model, tokenizer and chat template.
 
 Weights are read from (single or sharded) safetensors without torch and written into the core's
-slots in their stored dtype (bf16, f16 or f32).
+slots in their stored dtype (bf16, f16 or f32), in the float dtype asked for, or with weight_dtype
+"q8_0" every matrix quantized to Q8_0 blocks at load (norms and biases in f32).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..core import InvalidArgumentError, Model, ModelParams
 from .base import ModelAdapter, ModelLoadError, RuntimeOptions, read_config
+from .requantize import QUANTIZED_DTYPES, float_dtype_of, quantizes, to_blocks
 from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, iter_checkpoint_tensors
 
 log = logging.getLogger(__name__)
@@ -98,11 +100,13 @@ def checkpoint_dtype(path: Path) -> str:
     raise ModelLoadError(f"{path}: missing weight 'model.embed_tokens.weight'")
 
 
-def load_weights(model: Model, path: Path, config: dict[str, Any]) -> None:
-    """Write every checkpoint tensor into its slot; fail naming any missing, unexpected or mis-shaped weight."""
+def load_weights(model: Model, path: Path, config: dict[str, Any], quantize_to: str | None = None) -> None:
+    """Write every checkpoint tensor into its slot (matrices quantized to the block type quantize_to,
+    when given); fail naming any missing, unexpected or mis-shaped weight."""
     mapping = weight_map(config)
     weight_dtype = model.params.weight_dtype
     written = set()
+    log_every = max(1, len(mapping) // 10)
     for name, dtype, shape, array in iter_checkpoint_tensors(path):
         if name not in mapping:
             if name == "lm_head.weight" and tied(config):
@@ -113,12 +117,18 @@ def load_weights(model: Model, path: Path, config: dict[str, Any]) -> None:
         if dtype not in CHECKPOINT_DTYPES:
             raise ModelLoadError(f"weight {name!r} has dtype {dtype}; supported: {sorted(CHECKPOINT_DTYPES)}")
         src = CHECKPOINT_DTYPES[dtype]
-        data = array if src == weight_dtype else _convert(array, src, weight_dtype)
         try:
-            model.replace_weight(mapping[name], data, weight_dtype)
+            if quantize_to and quantizes(shape, quantize_to):
+                values = array if src == "f32" else _convert(array, src, "f32")
+                model.replace_weight(mapping[name], to_blocks(values, quantize_to), quantize_to, shape=shape)
+            else:
+                data = array if src == weight_dtype else _convert(array, src, weight_dtype)
+                model.replace_weight(mapping[name], data, weight_dtype)
         except InvalidArgumentError as e:
             raise ModelLoadError(f"weight {name!r}: {e}") from e
         written.add(name)
+        if quantize_to and len(written) % log_every == 0:
+            log.info("quantized %d of %d weights to %s", len(written), len(mapping), quantize_to)
     missing = [name for name in mapping if name not in written]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -138,12 +148,14 @@ class Qwen2Adapter(ModelAdapter):
         path = Path(path)
         options = options or RuntimeOptions()
         config = read_config(path)
+        wanted = options.weight_dtype or checkpoint_dtype(path)
+        quantize_to = wanted if wanted in QUANTIZED_DTYPES else None
         try:
-            model = Model("qwen2", model_params(config, options.weight_dtype or checkpoint_dtype(path), options))
+            model = Model("qwen2", model_params(config, float_dtype_of(wanted), options))
         except InvalidArgumentError as e:
             raise ModelLoadError(f"{path}: {e}") from e
-        log.info("loading %s weights from %s", model.params.weight_dtype, path)
-        load_weights(model, path, config)
+        log.info("loading %s weights from %s", wanted, path)
+        load_weights(model, path, config, quantize_to)
         return cls(path, config, model, load_tokenizer(path))
 
     def _read_eos_ids(self) -> set[int]:
