@@ -64,7 +64,9 @@ def cmd_serve(args) -> int:
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, n_threads=args.threads,
         kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout,
         enable_prefix_caching=False if args.no_prefix_caching else None,
-        prefix_cache_max_cells=args.prefix_cache_max_cells)
+        prefix_cache_max_cells=args.prefix_cache_max_cells, speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max)
     from .models import is_gguf
 
     if config.model is not None and not (Path(config.model) / "config.json").is_file() and not is_gguf(config.model):
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")
     srv.add_argument("--prefix-cache-max-cells", type=int, default=None,
                      help="cached KV cells kept that no running request uses (default: as many as are free)")
+    srv.add_argument("--speculative", choices=["off", "ngram", "draft"], default=None,
+                     help="draft tokens and verify them in the decode batch; the output never changes (off)")
+    srv.add_argument("--num-speculative-tokens", type=int, default=None, help="most drafts per verify, k (4)")
+    srv.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (2)")
+    srv.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (5)")
     srv.set_defaults(func=cmd_serve)
     return parser
 
