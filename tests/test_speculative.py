@@ -21,6 +21,7 @@ from llaisys.engine import ngram
 from llaisys.engine.spec_decode import Speculator, StepCost, accept_drafts
 from llaisys.models.mock import write_mock_model
 from llaisys.server.config import ServerConfig
+from llaisys.server.metrics import ServerMetrics
 
 from mock_oracle import check_kv, held_cells, mock_engine, mock_greedy, run_checked, run_random_workload
 
@@ -119,6 +120,12 @@ def test_acceptance_counters_exact_on_a_copy(mock_dir):
         assert (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) == (2, 8, 8)
         assert spec.accepted_per_position == [2, 2, 2, 2]
         assert spec.acceptance_rate == 1.0 and spec.mean_accepted_length == 5.0
+    scraped = ServerMetrics("m", engine.stats).render().decode()
+    for line in ('llaisys:spec_decode_num_drafts_total{model_name="m"} 2.0',
+                 'llaisys:spec_decode_num_draft_tokens_total{model_name="m"} 8.0',
+                 'llaisys:spec_decode_num_accepted_tokens_total{model_name="m"} 8.0',
+                 'llaisys:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="3"} 2.0'):
+        assert line in scraped
 
 
 @pytest.mark.parametrize("end", range(1, COPY))
