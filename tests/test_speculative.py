@@ -99,11 +99,14 @@ def test_outputs_identical_with_speculation_off_and_on(mock_dir, kind, together)
     assert accepted > 0 and rejected > 0
 
 
-def test_adaptive_speculation_gives_the_same_outputs(mock_dir):
+def test_adaptive_speculation_gives_the_same_outputs(mock_dir, monkeypatch):
     params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.1, seed=1)
     prompts = workload(2, 12)
     want = outputs(mock_engine(mock_dir), prompts, params, False)
     engine = mock_engine(mock_dir, speculative="ngram", num_speculative_tokens=8)
+    # The mock's step times are noise: a fixed row cost keeps the drafting (not the outputs) repeatable.
+    monkeypatch.setattr(engine.speculator.cost, "observe", lambda rows, seconds: None)
+    engine.speculator.cost.row_cost = 0.1
     assert outputs(engine, prompts, params, False) == want
     assert engine.stats().spec_decode.num_accepted_tokens > 0
 
@@ -212,6 +215,19 @@ def test_a_request_can_opt_out(mock_dir):
     run_checked(engine)
     assert on.metrics.spec.num_drafts > 0 and off.metrics.spec.num_drafts == 0
     assert on.completions[0].output_ids == off.completions[0].output_ids
+
+
+def test_cached_cells_give_way_only_to_proposed_drafts(mock_dir):
+    """A full cache and a request that drafts nothing: nothing is evicted for drafts."""
+    engine = mock_engine(mock_dir, n_ctx=64, num_speculative_tokens=8, **SPEC)
+    engine.add_request(list(range(40)), SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    run_checked(engine)
+    assert engine.kv.cached == 49  # the last token is never computed
+    drafts = engine.stats().spec_decode.num_drafts
+    engine.add_request(list(range(100, 108)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                             speculative=False))
+    run_checked(engine)
+    assert engine.kv.cached == 49 + 11 and engine.stats().spec_decode.num_drafts == drafts
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

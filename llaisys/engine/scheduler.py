@@ -143,14 +143,16 @@ class Scheduler:
             self._give_way(plan)
 
     def _draft(self, decodes: list[Chunk]) -> int:
-        """Give the decode chunks their drafts, within the budget and the cells left; the drafts planned."""
-        room = min(self.token_budget, self.kv.capacity) - len(decodes)
-        self.kv.reclaim(len(decodes) + min(room, self.speculator.k * len(decodes)))
-        room = min(room, self.kv.free - len(decodes))
-        drafted = 0
+        """Give the decode chunks their drafts, within the budget and the cells left; the drafts planned.
+        Cached cells give way only to drafts actually proposed."""
+        budget, drafted = self.token_budget - len(decodes), 0
         for ch in decodes:
-            ch.draft = self.speculator.draft(ch.completion, room - drafted, len(decodes))
-            drafted += len(ch.draft)
+            draft = self.speculator.draft(ch.completion, budget - drafted, len(decodes))
+            if draft:
+                self.kv.reclaim(len(decodes) + drafted + len(draft))
+                draft = draft[:max(self.kv.free - len(decodes) - drafted, 0)]
+            ch.draft = draft
+            drafted += len(draft)
         return drafted
 
     def _give_way(self, plan: Plan) -> None:
