@@ -32,7 +32,7 @@ def cmd_generate(args) -> int:
                             top_k=args.top_k, seed=args.seed)  # checked before the model loads
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(resolve_model(args.model)), max_num_seqs=1,
                                                    n_ctx=args.ctx, n_threads=args.threads, kv_dtype=args.kv_dtype,
-                                                   weight_dtype=args.weight_dtype))
+                                                   weight_dtype=args.weight_dtype, speculative=args.speculative))
     prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
     request = engine.add_request(prompt, params)
     while engine.has_unfinished_requests():
@@ -47,6 +47,9 @@ def cmd_generate(args) -> int:
              m.num_prompt_tokens, m.num_generated_tokens, m.time_to_first_token,
              (m.num_generated_tokens - 1) / decode_time if decode_time > 0 else 0.0,
              request.completions[0].finish_reason)
+    if m.spec.num_drafts:
+        log.info("speculation: %.0f%% of %d drafted tokens accepted, %.2f tokens per verify",
+                 100 * m.spec.acceptance_rate, m.spec.num_draft_tokens, m.spec.mean_accepted_length)
     return 0
 
 
@@ -126,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16"], default=None,
                      help="convert weights at load (default: keep the checkpoint's, a GGUF's blocks too; f32 = exact "
                           "products)")
+    gen.add_argument("--speculative", choices=["off", "ngram", "draft"], default="off",
+                     help="draft tokens by prompt lookup and verify them in one batch; the output never changes")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible API and the chat page (flags override LLAISYS_* "
