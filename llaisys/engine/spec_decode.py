@@ -33,6 +33,7 @@ T = TypeVar("T")  # a sampled choice with a .token
 DEFAULT_ROW_COST = 0.3
 _STEP_MEMORY = 0.98  # forgetting factor of the step-cost fit (about the last 50 decode steps)
 _MEMORY = 0.8  # forgetting factor of a completion's acceptance counts
+_OVERALL_MEMORY = 0.99  # and of the engine-wide ones (they follow the workload, not one reply)
 _IDLE_DECAY = 0.95  # a completion not drafting drifts back to the engine-wide acceptance, so it probes again
 _PRIOR_WEIGHT = 1.0  # pseudo-drafts of the engine-wide acceptance in a completion's estimate
 
@@ -53,7 +54,7 @@ class StepCost:
         b = (w * xy - x * y) / spread
         a = (y - b * x) / w
         if a > 0 and b > 0:
-            self.row_cost = min(b / a, 4.0)
+            self.row_cost = min(b / a, 4.0)  # bounded: a few noisy steps can give a wild fit
 
 
 @dataclasses.dataclass
@@ -113,8 +114,8 @@ class Speculator:
         state = self._state(c)
         state.accepted = _MEMORY * state.accepted + accepted
         state.rejected = _MEMORY * state.rejected + rejected
-        self.overall.accepted = 0.99 * self.overall.accepted + accepted
-        self.overall.rejected = 0.99 * self.overall.rejected + rejected
+        self.overall.accepted = _OVERALL_MEMORY * self.overall.accepted + accepted
+        self.overall.rejected = _OVERALL_MEMORY * self.overall.rejected + rejected
 
 
 def accept_drafts(draft: tuple[int, ...], first: T, sample_row: Callable[[int, list[T]], T]) -> list[T]:
