@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llaisys import SamplingParams
-from llaisys.engine import EngineArgs, LLMEngine, RequestState
+from llaisys.engine import AsyncLLM, EngineArgs, LLMEngine, RequestState
 from llaisys.engine import ngram
 from llaisys.engine.spec_decode import Speculator, StepCost, accept_drafts
 from llaisys.models.mock import write_mock_model
@@ -228,6 +228,19 @@ def test_cached_cells_give_way_only_to_proposed_drafts(mock_dir):
                                                              speculative=False))
     run_checked(engine)
     assert engine.kv.cached == 49 + 11 and engine.stats().spec_decode.num_drafts == drafts
+
+
+async def test_a_stream_gets_each_verify_as_one_increment(mock_dir):
+    """Accepted runs stream as multi-token increments whose tokens, text and logprobs add up."""
+    prompt, c = copy_prompt(13)
+    params = SamplingParams(max_tokens=COPY, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine = mock_engine(mock_dir, num_speculative_tokens=4, max_num_batched_tokens=64, **SPEC)
+    async with AsyncLLM(engine) as llm:
+        deltas = [d.outputs[0] for d in [d async for d in llm.stream(prompt, params)] if d.outputs]
+    assert sum((d.token_ids for d in deltas), []) == c and max(len(d.token_ids) for d in deltas) == 5
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert "".join(d.text for d in deltas) == bytes(t for t in c if t < 256).decode("utf-8", "replace")
+    assert held_cells(engine) == 0
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
