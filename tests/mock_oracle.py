@@ -73,3 +73,32 @@ def run_checked(engine, max_steps: int = 10_000) -> int:
 def held_cells(engine) -> int:
     """Cells the core holds for requests: all it holds minus the cached cells nothing running uses."""
     return engine.worker.kv_used - engine.kv.evictable
+
+
+def run_random_workload(engine, rng, new_prompt, arrivals: int, max_tokens: int, steps: int = 500) -> None:
+    """Random arrivals (prompts from new_prompt(step, requests so far)) during the first `arrivals`
+    steps, n of 1 or 2, greedy, random aborts: the KV accounting is checked against the core after
+    every step, nothing leaks, and every completion that ran to its end follows the oracle."""
+    from llaisys import SamplingParams
+    from llaisys.engine import RequestState
+
+    requests, aborted = [], set()
+    for step in range(steps):
+        if step < arrivals and rng.random() < 0.3:
+            params = SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, max_tokens), temperature=0.0)
+            requests.append(engine.add_request(new_prompt(step, requests), params))
+        if requests and rng.random() < 0.03:
+            victim = rng.choice(requests)
+            if engine.abort_request(victim.request_id) is not None:
+                aborted.add(victim.request_id)
+        if not engine.has_unfinished_requests() and step >= arrivals:
+            break
+        engine.step()
+        check_kv(engine)
+    run_checked(engine)
+    for r in requests:
+        if r.request_id in aborted or r.state is RequestState.FAILED:
+            continue
+        room = min(r.params.max_tokens, engine.max_model_len - len(r.prompt_ids))
+        expected = mock_greedy(r.prompt_ids, room, engine.vocab_size, keep_eos=True)
+        assert all(c.output_ids == expected for c in r.completions), r.request_id

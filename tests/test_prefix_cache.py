@@ -19,7 +19,7 @@ from llaisys import SamplingParams
 from llaisys.engine import AsyncLLM, EngineArgs, LLMEngine, RequestState
 from llaisys.models.mock import write_mock_model
 
-from mock_oracle import check_kv, mock_engine, mock_greedy, run_checked
+from mock_oracle import check_kv, mock_engine, mock_greedy, run_checked, run_random_workload
 
 VOCAB = 300
 GREEDY = dict(temperature=0.0)
@@ -244,32 +244,16 @@ def test_random_workloads_keep_the_manager_equal_to_the_core(mock_dir, seed, n_c
     engine = mock_engine(mock_dir, n_ctx=n_ctx, max_num_seqs=5, max_num_batched_tokens=budget,
                          prefix_cache_seqs=cache_seqs)
     system = tokens(seed % 1000, 30)
-    requests, aborted = [], set()
-    for step in range(500):
-        if step < 60 and rng.random() < 0.3:
-            if requests and rng.random() < 0.5:  # a follow-up: part of an earlier request's tokens, then more
-                base = rng.choice(requests)
-                prompt = history(base)[:rng.randint(1, len(history(base)))] + tokens(step, rng.randint(0, 6))
-            else:
-                prompt = system[:rng.randint(0, 30)] + tokens(step + 7, rng.randint(1, 20))
-            prompt = prompt[:n_ctx - 2]
-            params = SamplingParams(n=rng.choice([1, 1, 2]), max_tokens=rng.randint(1, 20), **GREEDY)
-            requests.append(engine.add_request(prompt, params))
-        if requests and rng.random() < 0.03:
-            victim = rng.choice(requests)
-            if engine.abort_request(victim.request_id) is not None:
-                aborted.add(victim.request_id)
-        if not engine.has_unfinished_requests() and step >= 60:
-            break
-        engine.step()
-        check_kv(engine)
-    run_checked(engine)
-    for r in requests:
-        if r.request_id in aborted or r.state is RequestState.FAILED:
-            continue
-        room = min(r.params.max_tokens, engine.max_model_len - len(r.prompt_ids))
-        expected = mock_greedy(r.prompt_ids, room, VOCAB, keep_eos=True)
-        assert all(c.output_ids == expected for c in r.completions), r.request_id
+
+    def new_prompt(step, requests):
+        if requests and rng.random() < 0.5:  # a follow-up: part of an earlier request's tokens, then more
+            base = rng.choice(requests)
+            prompt = history(base)[:rng.randint(1, len(history(base)))] + tokens(step, rng.randint(0, 6))
+        else:
+            prompt = system[:rng.randint(0, 30)] + tokens(step + 7, rng.randint(1, 20))
+        return prompt[:n_ctx - 2]
+
+    run_random_workload(engine, rng, new_prompt, arrivals=60, max_tokens=20)
 
 
 # the real model: numerical truth, and the client's tokenizer across threads

@@ -5,6 +5,8 @@ import dataclasses
 from typing import Optional
 
 MAX_SEQS = 4096  # the core's limit on sequence ids (running slots and cache sequences together)
+MAX_SPEC_TOKENS = 32  # drafts per verify (vLLM's MAX_SPEC_LEN)
+SPECULATIVE = ("off", "ngram")
 
 
 @dataclasses.dataclass
@@ -26,6 +28,13 @@ class EngineArgs:
                             many as are free (cached cells always give way to running work).
     prefix_cache_seqs:      core sequences for the prefix cache's nodes, apart from max_num_seqs
                             (a full cache evicts a node for a new one; it never blocks admission).
+    speculative:            "ngram": draft tokens by prompt lookup and verify them in the decode
+                            batch (spec_decode.py; the output is the same as with "off").
+    num_speculative_tokens: most drafts per verify (k).
+    prompt_lookup_min, prompt_lookup_max: the n-gram lengths matched (longest first).
+    speculative_adaptive:   draft only as many tokens as measured acceptance and step cost make
+                            worth it (none on busy batches or text without matches); False = always
+                            all the drafter finds, up to k.
     """
 
     model: Optional[str] = None
@@ -40,6 +49,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     prefix_cache_max_cells: Optional[int] = None
     prefix_cache_seqs: int = 256
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    speculative_adaptive: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "n_ctx"):
@@ -48,6 +62,15 @@ class EngineArgs:
             _check_int(name, getattr(self, name), 1, optional=True)
         _check_int("prefix_cache_max_cells", self.prefix_cache_max_cells, 0, optional=True)
         _check_int("prefix_cache_seqs", self.prefix_cache_seqs, 1, MAX_SEQS - self.max_num_seqs)
+        if self.speculative == "draft":
+            raise ValueError("speculative='draft' (a draft model) is not available yet; use 'ngram' or 'off'")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {self.speculative!r}")
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPEC_TOKENS)
+        _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
+        _check_int("prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
+        if not isinstance(self.speculative_adaptive, bool):
+            raise ValueError(f"speculative_adaptive must be a bool, got {self.speculative_adaptive!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({self.max_num_seqs})")

@@ -12,6 +12,7 @@ from .outputs import Logprob, StepLogprobs
 from .request import Completion, Request
 from .sampler import SamplingRow, sample
 from .scheduler import Chunk, Plan, Sampled, StepResult
+from .spec_decode import accept_drafts
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,34 @@ class Executor:
         self.worker.apply(ops)
 
     def execute(self, plan: Plan) -> StepResult:
-        """Apply the plan's KV operations, compute its chunks and sample; changes no request."""
+        """Apply the plan's KV operations, compute its chunks and sample (verifying drafts); changes no request."""
         self.worker.apply(plan.kv_ops)
         if not plan.chunks:
             return StepResult()
         chunks, logits, failed = self._decode(plan.chunks)
         result = StepResult(computed=chunks, failed=failed)
-        targets, rows = self._sampling_targets(chunks)
+        targets, rows, drafts = self._sampling_targets(chunks)
         if targets:
-            if rows != list(range(len(logits))):  # only n > 1 reuses a row: spare the usual copy
-                logits = logits[rows]
-            sampled = sample(logits, [self._sampling_row(c) for c in targets])
-            result.sampled = [Sampled(c, int(sampled.token_ids[i]), self._logprobs(int(sampled.token_ids[i]),
-                                                                                     sampled.logprobs[i]))
-                              for i, c in enumerate(targets)]
+            # only n > 1 and verifies leave rows out or reuse one: spare the usual copy
+            firsts = logits if rows == list(range(len(logits))) else logits[rows]
+            sampled = sample(firsts, [self._sampling_row(c) for c in targets])
+            for i, c in enumerate(targets):
+                token = int(sampled.token_ids[i])
+                first = Sampled(c, token, self._logprobs(token, sampled.logprobs[i]))
+                if not drafts[i]:
+                    result.sampled.append(first)
+                    continue
+                verify = logits[rows[i]:rows[i] + len(drafts[i]) + 1]
+                emitted = accept_drafts(drafts[i], first, lambda j, done: self._sample_row(c, verify[j:j + 1], done))
+                result.sampled += emitted
+                result.accepted[c] = len(emitted) - 1
         return result
+
+    def _sample_row(self, c: Completion, logits: np.ndarray, emitted: list[Sampled]) -> Sampled:
+        """c's next token from one verify row, its earlier rows' tokens already emitted."""
+        sampled = sample(logits, [self._sampling_row(c, [s.token for s in emitted])])
+        token = int(sampled.token_ids[0])
+        return Sampled(c, token, self._logprobs(token, sampled.logprobs[0]))
 
     def _decode(self, chunks: list[Chunk]) -> tuple[list[Chunk], np.ndarray, dict[Request, str]]:
         """Decode the chunks in one batch. If the core rejects it, decode each request's chunks
@@ -62,10 +76,10 @@ class Executor:
         return ok, np.concatenate(rows) if rows else np.empty((0, 0), np.float32), failed
 
     @staticmethod
-    def _sampling_targets(chunks: list[Chunk]) -> tuple[list[Completion], list[int]]:
-        """The completions to sample and, for each, its logits row. A leader's first row is also
-        the first row of every completion of its request that has no token yet."""
-        targets, rows = [], []
+    def _sampling_targets(chunks: list[Chunk]) -> tuple[list[Completion], list[int], list[tuple[int, ...]]]:
+        """The completions to sample, for each its (first) logits row and the drafts its rows verify. A
+        leader's first row is also the first row of every completion of its request that has no token yet."""
+        targets, rows, drafts = [], [], []
         row = 0
         for ch in chunks:
             if not ch.sample:
@@ -74,17 +88,20 @@ class Executor:
             fresh = [c] if c.output_ids else [x for x in c.request.live if not x.output_ids]
             targets += fresh
             rows += [row] * len(fresh)
-            row += 1
-        return targets, rows
+            drafts += [ch.draft] * len(fresh)
+            row += 1 + len(ch.draft)
+        return targets, rows, drafts
 
     @staticmethod
-    def _sampling_row(c: Completion) -> SamplingRow:
+    def _sampling_row(c: Completion, emitted: Sequence[int] = ()) -> SamplingRow:
+        """How c's next token is chosen, after the tokens a verify has emitted so far."""
         request = c.request
         params = request.params
+        output = c.output_ids + list(emitted) if emitted else c.output_ids
         banned = ()
-        if len(c.output_ids) < params.min_tokens:
+        if len(output) < params.min_tokens:
             banned = request.eos_ids | set(params.stop_token_ids)
-        return SamplingRow(params, c.generator, request.prompt_ids, c.output_ids, banned)
+        return SamplingRow(params, c.generator, request.prompt_ids, output, banned)
 
     def _logprobs(self, token: int, logprobs) -> Optional[StepLogprobs]:
         """The sampled token's and the top alternatives' log-probabilities, decoded."""

@@ -159,6 +159,12 @@ class KvManager:
             self.cache.unlock(share.node)
         share.node, share.length = node, length
 
+    def cut(self, completion: Completion, end: int) -> None:
+        """A completion's cells past its computed tokens, up to position end, were a verify's rejected
+        drafts: drop them."""
+        if completion.num_computed < end:
+            self._ops.append(SeqRm(completion.seq_id, completion.num_computed, -1))
+
     # release
     def release(self, completion: Completion, keep: bool) -> None:
         """Free a completion's sequence slot and cells; keep: its computed tokens go to the cache first

@@ -19,11 +19,12 @@ from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError
 from .executor import Executor
-from .outputs import RequestOutput
+from .outputs import RequestOutput, SpecCounters
 from .request import Request, RequestState
 from .sampling_params import SamplingParams
 from .kv_manager import KvManager
 from .scheduler import Scheduler, StepResult
+from .spec_decode import Speculator
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens whose cells were reused
     prefix_cache_cells: int  # all cells the prefix cache holds, shared with running requests or not
+    spec_decode: SpecCounters  # speculative decoding: verifies, drafted and accepted tokens
 
     @property
     def kv_usage(self) -> float:
@@ -71,7 +73,9 @@ class LLMEngine:
         self.executor = Executor(self.worker)
         self.kv = KvManager(self.worker.kv_capacity, args.max_num_seqs,
                             args.prefix_cache_seqs if args.enable_prefix_caching else 0, args.prefix_cache_max_cells)
-        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv)
+        self.speculator = None if args.speculative == "off" else Speculator(
+            args.num_speculative_tokens, args.prompt_lookup_min, args.prompt_lookup_max, args.speculative_adaptive)
+        self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv, self.speculator)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
         self.eos_ids = frozenset(adapter.eos_token_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -152,6 +156,8 @@ class LLMEngine:
         self._steps += 1
         self._last_step = time.perf_counter() - start
         self._step_total += self._last_step
+        if self.speculator is not None and plan.chunks and all(ch.length == 1 for ch in plan.chunks):
+            self.speculator.cost.observe(plan.num_tokens, self._last_step)  # decode steps only: prompts cost otherwise
         return outputs
 
     def _collect(self, request: Request) -> RequestOutput:
@@ -176,7 +182,8 @@ class LLMEngine:
         s, kv = self.scheduler, self.kv
         return EngineStats(len(s.running), len(s.waiting), s.kv_used, kv.evictable, kv.capacity, s.num_preemptions,
                            s.prompt_tokens_total, self._generation_tokens, self._steps, self._last_step,
-                           self._step_total, dict(self._finished), self._failed, kv.queries, kv.hits, kv.cached)
+                           self._step_total, dict(self._finished), self._failed, kv.queries, kv.hits, kv.cached,
+                           self.speculator.counters.copy() if self.speculator is not None else SpecCounters())
 
     # prompts (the engine's own tokenizer: only for the thread that steps it; see AsyncLLM's client methods)
     @property

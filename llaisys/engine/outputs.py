@@ -41,6 +41,38 @@ class CompletionOutput:
 
 
 @dataclasses.dataclass
+class SpecCounters:
+    """vLLM's spec_decode counters: verifies, drafted tokens, accepted tokens (per draft position)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    def copy(self) -> "SpecCounters":
+        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position))
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        grow = drafted - len(self.accepted_per_position)
+        self.accepted_per_position += [0] * max(grow, 0)
+        for j in range(accepted):
+            self.accepted_per_position[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens; 0 before any draft."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verify emits on average: its accepted drafts plus the target's own (vLLM's)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclasses.dataclass
 class RequestMetrics:
     """Wall-clock times (time.time() seconds) of a request's life, and its token counts."""
 
@@ -53,6 +85,7 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (first admission)
+    spec: SpecCounters = dataclasses.field(default_factory=SpecCounters)  # speculative decoding's verifies
 
     @property
     def queue_time(self) -> Optional[float]:

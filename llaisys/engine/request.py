@@ -186,4 +186,5 @@ class Request:
         if delta:
             completions = [c for c in completions if c.has_news]
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [c.output(delta) for c in completions],
-                             self.state.done, self.state.value, dataclasses.replace(self.metrics), self.error)
+                             self.state.done, self.state.value,
+                             dataclasses.replace(self.metrics, spec=self.metrics.spec.copy()), self.error)

@@ -30,6 +30,8 @@ class SamplingParams:
                         positive logits divided by it, negative ones multiplied).
     logprobs:           return the log-probabilities of the N most likely tokens at each step
                         (plus the sampled one); None = none.
+    speculative:        False = never draft tokens for this request, even when the engine speculates
+                        (its output is the same either way; only its speed changes).
     """
 
     n: int = 1
@@ -47,6 +49,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,8 +71,9 @@ class SamplingParams:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, low=0)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "speculative"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)

@@ -10,6 +10,8 @@ Continuous batching with a per-step token budget. Each step takes, in order:
    queue), while sequence slots, budget and KV cells allow. A request is admitted only when the
    cells to reach decoding can be had; it starts from the longest prefix of its tokens that the
    prefix cache holds.
+With a speculator, decode rows then carry drafted tokens (spec_decode.py) within the budget and the
+free cells, ahead of prompt chunks; the cells of drafts the target rejects are cut after the step.
 Cells are counted by the KV manager, which mirrors the core's cell map. Cached cells that nothing
 running uses give way (least recently used first) before anything running does. When the running
 completions cannot all grow by one token, the most recently admitted request is preempted: its
@@ -28,21 +30,28 @@ from .kv_manager import KvManager
 from .kv_ops import KvOp
 from .outputs import StepLogprobs
 from .request import Completion, Request, RequestState
+from .spec_decode import Speculator
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Chunk:
-    """Tokens [start, start + length) of one completion; sample = its logits row is sampled."""
+    """Tokens [start, start + length) of one completion; sample = its logits row is sampled. A decode
+    chunk may carry drafted tokens after its one token: then every row has logits (a verify)."""
 
     completion: Completion
     start: int
     length: int
+    draft: tuple[int, ...] = ()
 
     @property
     def sample(self) -> bool:
         return self.start + self.length == self.completion.num_tokens
+
+    @property
+    def rows(self) -> int:
+        return self.length + len(self.draft)
 
 
 @dataclasses.dataclass
@@ -55,7 +64,7 @@ class Plan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.length for c in self.chunks)
+        return sum(c.rows for c in self.chunks)
 
 
 @dataclasses.dataclass
@@ -72,14 +81,17 @@ class StepResult:
     computed: list[Chunk] = dataclasses.field(default_factory=list)  # their KV is now in the cache
     sampled: list[Sampled] = dataclasses.field(default_factory=list)
     failed: dict[Request, str] = dataclasses.field(default_factory=dict)  # requests the model rejected
+    accepted: dict[Completion, int] = dataclasses.field(default_factory=dict)  # per verify: drafts accepted
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv: KvManager):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv: KvManager,
+                 speculator: Optional[Speculator] = None):
         # EngineArgs guarantees max_num_batched_tokens >= max_num_seqs: every decode row fits a step.
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.kv = kv
+        self.speculator = speculator
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
@@ -101,9 +113,10 @@ class Scheduler:
     def schedule(self) -> Plan:
         plan = Plan()
         decodes = self._make_room_for_decodes(plan)
-        planned = len(decodes)  # cells this step's chunks will occupy
-        budget = self.token_budget - planned
         plan.chunks += [Chunk(c, c.num_computed, 1) for c in decodes]
+        drafted = self._draft(plan.chunks) if self.speculator is not None else 0
+        planned = len(decodes) + drafted  # cells this step's chunks will occupy
+        budget = self.token_budget - planned
         for request in self.running:
             for c in self._prefill_candidates(request):
                 self.kv.reclaim(planned + min(c.num_pending, budget))  # running work before cached prefixes
@@ -113,7 +126,7 @@ class Scheduler:
                 plan.chunks.append(Chunk(c, c.num_computed, n))
                 budget, planned = budget - n, planned + n
         # Cells still owed to running requests beyond this step are not free for newcomers.
-        owed = sum(self.kv.cells_to_resume(r) for r in self.running) - planned
+        owed = sum(self.kv.cells_to_resume(r) for r in self.running) - (planned - drafted)
         self._admit(plan, budget, planned, owed)
         if not plan.chunks and self.running:  # nothing can move: without this, nothing ever would
             self._give_way(plan)
@@ -128,6 +141,19 @@ class Scheduler:
             if self.kv.reclaim(len(decodes)):
                 return decodes
             self._give_way(plan)
+
+    def _draft(self, decodes: list[Chunk]) -> int:
+        """Give the decode chunks their drafts, within the budget and the cells left; the drafts planned.
+        Cached cells give way only to drafts actually proposed."""
+        budget, drafted = self.token_budget - len(decodes), 0
+        for ch in decodes:
+            draft = self.speculator.draft(ch.completion, budget - drafted, len(decodes))
+            if draft:
+                self.kv.reclaim(len(decodes) + drafted + len(draft))
+                draft = draft[:max(self.kv.free - len(decodes) - drafted, 0)]
+            ch.draft = draft
+            drafted += len(draft)
+        return drafted
 
     def _give_way(self, plan: Plan) -> None:
         """The newest running request makes room: preempted, or failed when it runs alone."""
@@ -180,13 +206,17 @@ class Scheduler:
             touched.add(request)
         for ch in result.computed:
             c, request = ch.completion, ch.completion.request
-            c.num_computed += ch.length
+            c.num_computed += ch.length + result.accepted.get(c, 0)
             if c is request.leader and ch.start < request.num_prompt_tokens <= c.num_computed:
                 self.kv.prompt_done(request)
         now = time.time()
         for s in result.sampled:
-            s.completion.append_token(s.token, s.logprobs, now)
+            if not s.completion.finished:  # a stop inside an accepted run drops the tokens after it
+                s.completion.append_token(s.token, s.logprobs, now)
             touched.add(s.completion.request)
+        for ch in result.computed:
+            if ch.draft:
+                self._settle_verify(ch, result.accepted.get(ch.completion, 0))
         for request in touched:
             if request.state is not RequestState.RUNNING:
                 continue
@@ -198,6 +228,14 @@ class Scheduler:
                 self.running.remove(request)
         self.kv.trim()
         return touched
+
+    def _settle_verify(self, ch: Chunk, accepted: int) -> None:
+        """Only the tokens the completion kept have cells: the rejected drafts' (and an accepted run's
+        past a stop) are cut."""
+        c = ch.completion
+        c.num_computed = min(c.num_computed, c.num_tokens)
+        self.kv.cut(c, ch.start + ch.rows)
+        self.speculator.record(c, len(ch.draft), accepted)
 
     def abort(self, request: Request, error: Optional[str] = None) -> None:
         """Cancel a queued or running request now (fail it, when an error is given). A cancelled

@@ -25,17 +25,18 @@ class Worker:
         return self.model.kv_used
 
     def execute(self, chunks: Sequence[Chunk]) -> np.ndarray:
-        """Decode the chunks as one batch; returns the logits rows of the sampled chunks, in chunk order.
+        """Decode the chunks as one batch; returns the logits rows of the sampled chunks (every row of a
+        verify), in chunk order.
 
         The rows are a view of the core's buffer, valid until the next decode.
         """
         tokens, pos, seqs, wants = [], [], [], []
         for ch in chunks:
-            tokens += ch.completion.tokens(ch.start, ch.start + ch.length)
-            pos.append(np.arange(ch.start, ch.start + ch.length, dtype=np.int32))
-            seqs.append(np.full(ch.length, ch.completion.seq_id, dtype=np.int32))
-            want = np.zeros(ch.length, dtype=np.int8)
-            want[-1] = ch.sample
+            tokens += ch.completion.tokens(ch.start, ch.start + ch.length) + list(ch.draft)
+            pos.append(np.arange(ch.start, ch.start + ch.rows, dtype=np.int32))
+            seqs.append(np.full(ch.rows, ch.completion.seq_id, dtype=np.int32))
+            want = np.zeros(ch.rows, dtype=np.int8)
+            want[ch.length - 1:] = ch.sample
             wants.append(want)
         self.model.decode(Batch(tokens, pos=np.concatenate(pos), seq_ids=np.concatenate(seqs),
                                 logits=np.concatenate(wants)))

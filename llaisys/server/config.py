@@ -33,6 +33,11 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LLAISYS_PREFIX_CACHING": ("enable_prefix_caching", _flag),
     "LLAISYS_PREFIX_CACHE_MAX_CELLS": ("prefix_cache_max_cells", int),
     "LLAISYS_PREFIX_CACHE_SEQS": ("prefix_cache_seqs", int),
+    "LLAISYS_SPECULATIVE": ("speculative", str),
+    "LLAISYS_SPECULATIVE_TOKENS": ("num_speculative_tokens", int),
+    "LLAISYS_SPECULATIVE_NGRAM_MIN": ("prompt_lookup_min", int),
+    "LLAISYS_SPECULATIVE_NGRAM_MAX": ("prompt_lookup_max", int),
+    "LLAISYS_SPECULATIVE_ADAPTIVE": ("speculative_adaptive", _flag),
 }
 KINDS = {int: "an integer", float: "a number", _flag: "1/0, true/false, yes/no or on/off"}
 
@@ -65,6 +70,11 @@ class ServerConfig:
     enable_prefix_caching: bool = True
     prefix_cache_max_cells: Optional[int] = None
     prefix_cache_seqs: int = 256
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    speculative_adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.request_timeout < 0:

@@ -67,6 +67,16 @@ class EngineCollector(Collector):
             finished.add_metric(label + [reason], count)
         yield finished
         yield counter("request_failure", "Requests the engine could not finish.", s.requests_failed)
+        spec = s.spec_decode
+        yield counter("spec_decode_num_drafts", "Verifies of drafted tokens.", spec.num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Drafted tokens verified.", spec.num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Drafted tokens the model accepted.", spec.num_accepted_tokens)
+        per_pos = CounterMetricFamily("llaisys:spec_decode_num_accepted_tokens_per_pos",
+                                      "Drafted tokens accepted, by position in the draft (0 = first).",
+                                      labels=["model_name", "position"])
+        for position, count in enumerate(spec.accepted_per_position):
+            per_pos.add_metric(label + [str(position)], count)
+        yield per_pos
 
 
 class ServerMetrics:

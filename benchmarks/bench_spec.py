@@ -1,0 +1,108 @@
+"""Speculative decoding: n-gram prompt lookup against no speculation, in one run, greedy.
+
+Two workloads, each at batch 1 (requests one at a time) and batch 8 (eight submitted at once):
+(a) code edits: the prompt holds a function from this repository to rewrite with a small change,
+    so the reply mostly copies it; (b) open chat: questions whose answers repeat nothing.
+For each it prints generated tokens/s with speculation off and on (prefill included) and their
+ratio, the ratio of decode time alone (first to last token), the acceptance rate, the mean accepted
+length (tokens per verify) and verifies per generated token, and checks that the outputs are identical.
+The modes alternate per case on two engines in one process (the machine is shared and noisy).
+
+    python benchmarks/bench_spec.py [--model PATH] [--k 4] [--requests 8] [--max-tokens 160]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import textwrap
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench_spec")
+
+ROOT = Path(__file__).resolve().parents[1]
+EDITS = ["Rename the variable `c` to `completion` everywhere in it.", "Add type hints where they are missing.",
+         "Replace the docstring with a one-line comment above the function.", "Rename the function to `run`."]
+QUESTIONS = ["Why is the sky blue?", "Tell me a short story about a lighthouse keeper.",
+             "What should I pack for a week of hiking in the mountains?", "How do vaccines train the immune system?",
+             "Describe the taste of a lemon to someone who has never had one.", "What are the causes of inflation?",
+             "Give me three ideas for a birthday party for a ten year old.", "How does a bicycle stay upright?"]
+
+
+def functions(limit: int) -> list[str]:
+    """Functions of 12..40 lines from the engine's sources, in a fixed order."""
+    found = []
+    for path in sorted((ROOT / "llaisys" / "engine").glob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and 12 <= node.end_lineno - node.lineno <= 40:
+                found.append(textwrap.dedent(ast.get_source_segment(source, node, padded=True)))
+    return found[:limit]
+
+
+def prompts(engine, kind: str, n: int) -> list[str]:
+    if kind == "code edit":
+        messages = [f"{EDITS[i % len(EDITS)]} Reply with the whole function only.\n\n```python\n{f}\n```"
+                    for i, f in enumerate(functions(n))]
+    else:
+        messages = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+    return [engine.chat_prompt([{"role": "user", "content": m}]) for m in messages]
+
+
+def run(engine, texts: list[str], batch: int, max_tokens: int):
+    """Seconds, generated tokens, decode seconds (first to last token, summed over the groups) and the
+    outputs of the prompts, `batch` of them at a time."""
+    from llaisys import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    start, outputs, generated, decoding = time.perf_counter(), [], 0, 0.0
+    for i in range(0, len(texts), batch):
+        requests = [engine.add_request(t, params) for t in texts[i:i + batch]]
+        while engine.has_unfinished_requests():
+            engine.step()
+        outputs += [r.completions[0].output_ids for r in requests]
+        generated += sum(len(o) for o in outputs[-len(requests):])
+        decoding += max(r.metrics.last_token_time for r in requests) - min(r.metrics.first_token_time
+                                                                           for r in requests)
+    return time.perf_counter() - start, generated, decoding, outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(Path.home() / ".cache/llaisys/qwen2.5-coder-0.5b-instruct.gguf"))
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--requests", type=int, default=8, help="prompts per workload")
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from llaisys.engine import EngineArgs, LLMEngine
+
+    common = dict(model=args.model, max_num_seqs=8, n_ctx=8192, n_threads=args.threads, enable_prefix_caching=False)
+    engines = {"off": LLMEngine.from_engine_args(EngineArgs(**common)),
+               "ngram": LLMEngine.from_engine_args(EngineArgs(**common, speculative="ngram",
+                                                              num_speculative_tokens=args.k))}
+    print(f"model {args.model}, k = {args.k}, {args.requests} prompts per workload, max_tokens {args.max_tokens}")
+    print("| workload | batch | off tok/s | n-gram tok/s | ratio | decode-only ratio | acceptance "
+          "| mean accepted length | verifies per token |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in ("code edit", "open chat"):
+        texts = prompts(engines["off"], kind, args.requests)
+        for batch in (1, 8):
+            before = engines["ngram"].stats().spec_decode
+            off_s, off_n, off_d, off_out = run(engines["off"], texts, batch, args.max_tokens)
+            on_s, on_n, on_d, on_out = run(engines["ngram"], texts, batch, args.max_tokens)
+            spec = engines["ngram"].stats().spec_decode
+            drafted = spec.num_draft_tokens - before.num_draft_tokens
+            accepted = spec.num_accepted_tokens - before.num_accepted_tokens
+            verifies = spec.num_drafts - before.num_drafts
+            if on_out != off_out:
+                raise SystemExit(f"{kind}, batch {batch}: the outputs differ with speculation on")
+            print(f"| {kind} | {batch} | {off_n / off_s:.1f} | {on_n / on_s:.1f} | {off_s / on_s:.2f}x "
+                  f"| {off_d / on_d:.2f}x | {accepted / drafted if drafted else 0:.2f} "
+                  f"| {1 + accepted / verifies if verifies else 0:.2f} | {verifies / on_n:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
