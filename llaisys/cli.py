@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
                      help="convert weights at load (default: keep the checkpoint's, a GGUF's blocks too; f32 = exact "
                           "products; q8_0 = every matrix as 8-bit blocks)")
-    gen.add_argument("--speculative", choices=["off", "ngram", "draft"], default="off",
+    gen.add_argument("--speculative", choices=["off", "ngram"], default="off",
                      help="draft tokens by prompt lookup and verify them in one batch; the output never changes")
     gen.set_defaults(func=cmd_generate)
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")
     srv.add_argument("--prefix-cache-max-cells", type=int, default=None,
                      help="cached KV cells kept that no running request uses (default: as many as are free)")
-    srv.add_argument("--speculative", choices=["off", "ngram", "draft"], default=None,
+    srv.add_argument("--speculative", choices=["off", "ngram"], default=None,
                      help="draft tokens and verify them in the decode batch; the output never changes (off)")
     srv.add_argument("--num-speculative-tokens", type=int, default=None, help="most drafts per verify, k (4)")
     srv.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (2)")
