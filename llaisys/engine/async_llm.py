@@ -46,6 +46,7 @@ class AsyncLLM:
         self._task_group: Optional[anyio.abc.TaskGroup] = None
         self._stats = engine.stats()
         self._generation_defaults = engine.adapter.generation_defaults
+        self._special_tokens = dict(engine.special_tokens)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
@@ -131,6 +132,11 @@ class AsyncLLM:
     @property
     def max_num_seqs(self) -> int:
         return self.engine.args.max_num_seqs
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special tokens by their text (FIM markers among them, for a FIM model)."""
+        return dict(self._special_tokens)
 
     @property
     def generation_defaults(self) -> dict:

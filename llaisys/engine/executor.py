@@ -83,7 +83,7 @@ class Executor:
         params = request.params
         banned = ()
         if len(c.output_ids) < params.min_tokens:
-            banned = request.eos_ids | set(params.stop_token_ids)
+            banned = request.eos_ids | set(params.stop_token_ids) | request.special_stops.keys()
         return SamplingRow(params, c.generator, request.prompt_ids, c.output_ids, banned)
 
     def _logprobs(self, token: int, logprobs) -> Optional[StepLogprobs]:

@@ -73,7 +73,8 @@ class LLMEngine:
                             args.prefix_cache_seqs if args.enable_prefix_caching else 0, args.prefix_cache_max_cells)
         self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
-        self.eos_ids = frozenset(adapter.eos_token_ids)
+        self.eos_ids = frozenset(adapter.end_token_ids)
+        self.special_tokens = adapter.special_tokens
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._ids = itertools.count()
         self._generation_tokens = self._steps = self._failed = 0
@@ -101,8 +102,10 @@ class LLMEngine:
         if params.n > self.args.max_num_seqs:
             raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.args.max_num_seqs})")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        # A stop string naming a special token matches that token: its text is never decoded.
+        special_stops = {self.special_tokens[s]: s for s in params.stop if s in self.special_tokens}
         return Request(request_id, text, ids, params, self.eos_ids, self.max_model_len, self._detokenizer(params),
-                       arrival_time)
+                       arrival_time, special_stops)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:

@@ -97,6 +97,8 @@ class Completion:
         n_out = len(self.output_ids)
         if token in params.stop_token_ids:
             self.finish("stop", token)
+        elif token in request.special_stops:
+            self.finish("stop", request.special_stops[token])
         elif token in request.eos_ids:
             self.finish("stop")
         else:
@@ -128,7 +130,8 @@ class Request:
     """A prompt, its sampling parameters, its completions and its lifecycle."""
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
-                 eos_ids: frozenset[int], max_context: int, make_detokenizer, arrival_time: Optional[float] = None):
+                 eos_ids: frozenset[int], max_context: int, make_detokenizer, arrival_time: Optional[float] = None,
+                 special_stops: Optional[dict[int, str]] = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
@@ -136,6 +139,7 @@ class Request:
         self.state = RequestState.QUEUED
         self.error: Optional[str] = None
         self.eos_ids = frozenset() if params.ignore_eos else eos_ids
+        self.special_stops = special_stops or {}  # token id -> the stop string that names it
         # The output may not outgrow max_tokens nor the context.
         room = max_context - len(prompt_ids)
         self.max_output = room if params.max_tokens is None else min(params.max_tokens, room)

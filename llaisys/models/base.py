@@ -10,6 +10,10 @@ from typing import Any, Sequence
 from ..core import Model
 
 
+# Tokens that end a completion like EOS does: a FIM model emits them after the middle it was asked for.
+FIM_END_TOKENS = ("<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+
+
 class ModelLoadError(ValueError):
     """A model directory that cannot be loaded: the message names the file or weight at fault."""
 
@@ -55,6 +59,17 @@ class ModelAdapter:
     @property
     def eos_token_ids(self) -> set[int]:
         raise NotImplementedError
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special tokens (hidden when decoding), by their text."""
+        return {}
+
+    @property
+    def end_token_ids(self) -> set[int]:
+        """The tokens that end a completion: EOS, and the FIM tokens that mean a fill is over."""
+        special = self.special_tokens
+        return set(self.eos_token_ids) | {special[t] for t in FIM_END_TOKENS if t in special}
 
     @property
     def max_context(self) -> int:

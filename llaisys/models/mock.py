@@ -1,6 +1,7 @@
 """The mock adapter: the core's "mock" model with a byte tokenizer, for fast engine tests.
 
-A mock model directory holds only config.json: {"model_type": "mock", "vocab_size": V} with V > 256.
+A mock model directory holds only config.json: {"model_type": "mock", "vocab_size": V} with V > 256,
+optionally "special_tokens": {text: id} naming ids in 256..V-2.
 Token ids 0..255 are bytes, V - 1 is end-of-sequence; logits follow the formula in c_core/src/mock.cpp.
 """
 from __future__ import annotations
@@ -15,11 +16,14 @@ from ..core import Model, ModelParams
 from .base import ModelAdapter, ModelLoadError, RuntimeOptions, read_config
 
 
-def write_mock_model(path: str | Path, vocab_size: int = 300) -> Path:
-    """Create a mock model directory (used by tests and demos)."""
+def write_mock_model(path: str | Path, vocab_size: int = 300, special_tokens: dict[str, int] | None = None) -> Path:
+    """Create a mock model directory (used by tests and demos); special_tokens names ids above the bytes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "mock", "vocab_size": vocab_size}))
+    config = {"model_type": "mock", "vocab_size": vocab_size}
+    if special_tokens:
+        config["special_tokens"] = special_tokens
+    (path / "config.json").write_text(json.dumps(config))
     return path
 
 
@@ -43,6 +47,10 @@ class MockAdapter(ModelAdapter):
     @property
     def eos_token_ids(self) -> set[int]:
         return {self.config["vocab_size"] - 1}
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.config.get("special_tokens", {}))
 
     @property
     def max_context(self) -> int:

@@ -161,6 +161,12 @@ class Qwen2Adapter(ModelAdapter):
         return self._eos
 
     @property
+    def special_tokens(self) -> dict[str, int]:
+        if self.tokenizer is None:
+            return {}
+        return {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+
+    @property
     def max_context(self) -> int:
         return min(self.config.get("max_position_embeddings", 32768), self.model.params.n_ctx)
 

@@ -14,11 +14,14 @@ class ResponseBuilder:
     chat: True for /v1/chat/completions, False for /v1/completions.
     """
 
-    def __init__(self, chat: bool, model: str, n: int, top_logprobs: Optional[int]):
+    done_marker = True  # a stream ends with `data: [DONE]`
+
+    def __init__(self, chat: bool, model: str, n: int, top_logprobs: Optional[int], include_usage: bool = False):
         self.chat = chat
         self.model = model
         self.n = n
         self.top_logprobs = top_logprobs
+        self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._text_offsets: dict[int, int] = {}  # choice -> characters streamed so far (completion logprobs)
@@ -46,7 +49,27 @@ class ResponseBuilder:
                 "created": self.created, "model": self.model, "choices": choices, "usage": usage(outputs),
                 "system_fingerprint": None}
 
-    # stream chunks
+    # stream events
+    def stream_start(self, num_prompts: int) -> list[dict[str, Any]]:
+        """A chat stream opens with each choice's role."""
+        if not self.chat:
+            return []
+        return [self.chunk([self.role_choice(i)], include_usage=self.include_usage)
+                for i in range(num_prompts * self.n)]
+
+    def stream_delta(self, prompt_index: int, delta: RequestOutput) -> list[dict[str, Any]]:
+        events = []
+        for c in delta.outputs:
+            index = self.index(prompt_index, c)
+            if c.text or (self.top_logprobs is not None and c.token_ids):
+                events.append(self.chunk([self.piece_choice(index, c)], include_usage=self.include_usage))
+            if c.finished:
+                events.append(self.chunk([self.finish_choice(index, c)], include_usage=self.include_usage))
+        return events
+
+    def stream_end(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
+        return [self.chunk([], usage(outputs), include_usage=True)] if self.include_usage else []
+
     def chunk(self, choices: list[dict[str, Any]], usage_: Optional[dict[str, int]] = None,
               include_usage: bool = False) -> dict[str, Any]:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
