@@ -120,10 +120,10 @@ class AsyncLLM:
         with self._text_lock:
             return self._text.decode(check_ids(ids, self.engine.vocab_size))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """A conversation in the model's chat template, ready for generation."""
+    def chat_prompt(self, messages: list[dict], tools: Optional[list[dict]] = None) -> str:
+        """A conversation in the model's chat template (with the tools offered), ready for generation."""
         with self._text_lock:
-            return chat_text(messages, self._text.chat_text)
+            return chat_text(messages, lambda m: self._text.chat_text(m, tools=tools))
 
     @property
     def max_model_len(self) -> int:

@@ -193,9 +193,9 @@ class LLMEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.adapter.decode(check_ids(ids, self.vocab_size))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """A conversation in the model's chat template, ready for generation."""
-        return chat_text(messages, self.adapter.chat_text)
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> str:
+        """A conversation in the model's chat template (with the tools offered), ready for generation."""
+        return chat_text(messages, lambda m: self.adapter.chat_text(m, tools=tools))
 
     def _detokenizer(self, params: SamplingParams):
         decode, stop = self.adapter.decode, params.stop

@@ -82,8 +82,9 @@ class ModelAdapter:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """A conversation formatted with the model's chat template."""
+    def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                  tools: list[dict[str, Any]] | None = None) -> str:
+        """A conversation formatted with the model's chat template, with the tools (OpenAI's shape) offered."""
         raise NotImplementedError
 
     @property

@@ -62,6 +62,12 @@ class MockAdapter(ModelAdapter):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
-    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    def chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
+        text = f"tools: {json.dumps(tools)}\n" if tools else ""
+        text += "".join(f"{m['role']}: {m['content']}{_calls(m)}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
+
+
+def _calls(message) -> str:
+    """An assistant message's tool calls, as Qwen2.5 writes them."""
+    return "".join(f"<tool_call>{json.dumps(c['function'])}</tool_call>" for c in message.get("tool_calls") or ())

@@ -186,8 +186,8 @@ class Qwen2Adapter(ModelAdapter):
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
 
-    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
-        return self._need_tokenizer().apply_chat_template(messages, tokenize=False,
+    def chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
+        return self._need_tokenizer().apply_chat_template(messages, tools=tools, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt)
 
 

@@ -132,7 +132,8 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     @app.post("/v1/chat/completions")
     async def chat_completions():
         engine, body = await model_call()
-        return await generate(engine, parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)), chat=True)
+        return await generate(engine, parse_chat(body, service.defaults, lambda m, t: chat_prompt(engine, m, t)),
+                              chat=True)
 
     @app.post("/v1/completions")
     async def completions():
@@ -155,7 +156,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     async def tokenize():
         engine, body = await model_call()
         if "messages" in body:
-            text = parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)).prompts[0]["prompt"]
+            text = parse_chat(body, service.defaults, lambda m, t: chat_prompt(engine, m, t)).prompts[0]["prompt"]
         else:
             text = field(body, "prompt", str)
             if not text:
@@ -173,7 +174,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             raise bad_request(str(e), param="tokens")
 
     async def generate(engine: AsyncLLM, gen: GenerationRequest, chat: bool):
-        builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs, gen.include_usage)
+        builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs, gen.include_usage, gen.tools)
         return await run(engine, gen, builder, "messages" if chat else "prompt")
 
     async def run(engine: AsyncLLM, gen: GenerationRequest, builder, prompt_param: str):
@@ -327,9 +328,9 @@ def check_length(prompt_tokens: int, max_tokens: Optional[int], max_model_len: i
                           param="max_tokens" if prompt_tokens < max_model_len else prompt_param)
 
 
-def chat_prompt(engine: AsyncLLM, messages: list[dict[str, str]]) -> str:
+def chat_prompt(engine: AsyncLLM, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]]) -> str:
     try:
-        return engine.chat_prompt(messages)
+        return engine.chat_prompt(messages, tools)
     except TemplateError as e:
         raise bad_request(f"the chat template rejected the messages: {e}", param="messages")
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from ..engine import SamplingParams
 from .errors import APIError, bad_request
 from .fim import Infill
+from .tools import ToolSpec, message_tool_calls, parse_tools
 
 # Far above what clients send (Continue sends 14 stop strings of its own): only a guard on the search.
 MAX_STOP_STRINGS = 256
@@ -21,7 +22,8 @@ MAX_STOP_STRINGS = 256
 COMMON_FIELDS = {"model", "stream", "stream_options", "user", "n", "max_tokens", "min_tokens", "temperature", "top_p",
                  "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "presence_penalty",
                  "frequency_penalty", "repetition_penalty"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "suffix", "echo", "best_of", "logprobs"}
 
 
@@ -35,6 +37,7 @@ class GenerationRequest:
     include_usage: bool
     top_logprobs: Optional[int]  # None = no logprobs in the answer
     infill: Optional[Infill] = None  # fill in the middle: the prompt is built from it (prompts unused)
+    tools: Optional[ToolSpec] = None  # the functions the reply may call
 
 
 def check_body(body: Any) -> dict[str, Any]:
@@ -79,13 +82,17 @@ def field(body: dict[str, Any], name: str, kind, default=None):
     return value
 
 
-def parse_chat(body: dict[str, Any], defaults: dict[str, Any], render: Callable[[list], str]) -> GenerationRequest:
-    """A /v1/chat/completions body; render turns checked messages into the prompt text."""
+def parse_chat(body: dict[str, Any], defaults: dict[str, Any],
+               render: Callable[[list, Optional[list]], str]) -> GenerationRequest:
+    """A /v1/chat/completions body; render turns checked messages and tools into the prompt text."""
     check_fields(body, CHAT_FIELDS)
     messages = field(body, "messages", list)
     if not messages:
         raise bad_request("'messages' must be a non-empty array of {role, content} objects", param="messages")
-    prompt = render([_message(i, m) for i, m in enumerate(messages)])
+    tools = parse_tools(body)
+    if tools is not None and tools.forced is not None:
+        raise bad_request("'tool_choice' required or a named function is not supported yet", param="tool_choice")
+    prompt = render([_message(i, m) for i, m in enumerate(messages)], tools and tools.tools)
     logprobs = field(body, "logprobs", bool, False)
     top = field(body, "top_logprobs", int, None)
     if top is not None and not logprobs:
@@ -94,7 +101,9 @@ def parse_chat(body: dict[str, Any], defaults: dict[str, Any], render: Callable[
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", int, defaults.get("max_tokens"))
     top = (top or 0) if logprobs else None
-    return _generation([{"prompt": prompt}], body, defaults, max_tokens, top)
+    gen = _generation([{"prompt": prompt}], body, defaults, max_tokens, top)
+    gen.tools = tools
+    return gen
 
 
 def parse_completion(body: dict[str, Any], defaults: dict[str, Any]) -> GenerationRequest:
@@ -142,7 +151,7 @@ def _is_ids(value: Any) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _message(index: int, message: Any) -> dict[str, str]:
+def _message(index: int, message: Any) -> dict[str, Any]:
     param = f"messages[{index}]"
     if not isinstance(message, dict):
         raise bad_request(f"{param} must be an object with 'role' and 'content'", param=param)
@@ -151,6 +160,14 @@ def _message(index: int, message: Any) -> dict[str, str]:
         raise bad_request(f"{param}.role must be one of system, developer, user, assistant, tool; got {role!r}",
                           param=f"{param}.role")
     content = message.get("content")
+    extra: dict[str, Any] = {}
+    if role == "assistant" and message.get("tool_calls") is not None:
+        extra["tool_calls"] = message_tool_calls(param, message["tool_calls"])
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise bad_request(f"{param}.tool_call_id must be the id of the call answered", param=f"{param}.tool_call_id")
+        extra["tool_call_id"] = call_id
     if content is None and role == "assistant":
         content = ""
     elif isinstance(content, list):  # content parts: only text is understood
@@ -161,7 +178,7 @@ def _message(index: int, message: Any) -> dict[str, str]:
         content = "".join(p["text"] for p in content)
     elif not isinstance(content, str):
         raise bad_request(f"{param}.content must be a string or an array of text parts", param=f"{param}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return {"role": "system" if role == "developer" else role, "content": content, **extra}
 
 
 def _generation(prompts: list[dict[str, Any]], body: dict[str, Any], defaults: dict[str, Any],
