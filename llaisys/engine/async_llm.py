@@ -130,6 +130,10 @@ class AsyncLLM:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
     def max_num_seqs(self) -> int:
         return self.engine.args.max_num_seqs
 

@@ -84,7 +84,11 @@ class Executor:
         banned = ()
         if len(c.output_ids) < params.min_tokens:
             banned = request.eos_ids | set(params.stop_token_ids) | request.special_stops.keys()
-        return SamplingRow(params, c.generator, request.prompt_ids, c.output_ids, banned)
+        allowed = None
+        if c.grammar is not None:
+            c.grammar.sync(c.output_ids, request.eos_ids)
+            allowed = c.grammar.allowed(request.eos_ids)
+        return SamplingRow(params, c.generator, request.prompt_ids, c.output_ids, banned, allowed)
 
     def _logprobs(self, token: int, logprobs) -> Optional[StepLogprobs]:
         """The sampled token's and the top alternatives' log-probabilities, decoded."""

@@ -19,6 +19,7 @@ from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError
 from .executor import Executor
+from .grammar import GrammarState, GrammarTokenizers
 from .outputs import RequestOutput
 from .request import Request, RequestState
 from .sampling_params import SamplingParams
@@ -75,6 +76,7 @@ class LLMEngine:
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
         self.eos_ids = frozenset(adapter.end_token_ids)
         self.special_tokens = adapter.special_tokens
+        self.grammar_tokenizers = GrammarTokenizers(adapter.grammar_tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._ids = itertools.count()
         self._generation_tokens = self._steps = self._failed = 0
@@ -104,8 +106,10 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         # A stop string naming a special token matches that token: its text is never decoded.
         special_stops = {self.special_tokens[s]: s for s in params.stop if s in self.special_tokens}
+        grammar = params.grammar
+        make_grammar = None if grammar is None else lambda: GrammarState(grammar, self.grammar_tokenizers, self.vocab_size)
         return Request(request_id, text, ids, params, self.eos_ids, self.max_model_len, self._detokenizer(params),
-                       arrival_time, special_stops)
+                       arrival_time, special_stops, make_grammar)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:

@@ -30,6 +30,9 @@ class SamplingParams:
                         positive logits divided by it, negative ones multiplied).
     logprobs:           return the log-probabilities of the N most likely tokens at each step
                         (plus the sampled one); None = none.
+    logit_bias:         token id -> a value in [-100, 100] added to its logit (OpenAI's).
+    grammar:            an llguidance grammar (LLMatcher.grammar_from_json_schema / _lark / _regex):
+                        only tokens it allows are sampled, and the completion stops when it is complete.
     """
 
     n: int = 1
@@ -47,6 +50,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
+    logit_bias: Optional[dict[int, float]] = None
+    grammar: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -75,6 +80,14 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        self.logit_bias = dict(self.logit_bias or {})
+        for token, bias in self.logit_bias.items():
+            _check_int("logit_bias", token, low=0)
+            _check_float("logit_bias", bias, low=-100.0, high=100.0)
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be a string, got {type(self.grammar).__name__}")
+        if self.grammar is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with a grammar (it may have to end sooner)")
 
     @property
     def greedy(self) -> bool:

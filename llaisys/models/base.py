@@ -82,6 +82,10 @@ class ModelAdapter:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def grammar_tokenizer(self):
+        """The vocabulary as an llguidance LLTokenizer, for constrained decoding."""
+        raise NotImplementedError(f"{type(self).__name__} has no grammar tokenizer")
+
     def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                   tools: list[dict[str, Any]] | None = None) -> str:
         """A conversation formatted with the model's chat template, with the tools (OpenAI's shape) offered."""

@@ -62,6 +62,11 @@ class MockAdapter(ModelAdapter):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
+    def grammar_tokenizer(self):
+        import llguidance
+
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary(self)))
+
     def chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         text = f"tools: {json.dumps(tools)}\n" if tools else ""
         text += "".join(f"{m['role']}: {m['content']}{_calls(m)}\n" for m in messages)
@@ -71,3 +76,20 @@ class MockAdapter(ModelAdapter):
 def _calls(message) -> str:
     """An assistant message's tool calls, as Qwen2.5 writes them."""
     return "".join(f"<tool_call>{json.dumps(c['function'])}</tool_call>" for c in message.get("tool_calls") or ())
+
+
+class _ByteVocabulary:
+    """The mock's vocabulary as llguidance reads a tokenizer: bytes, then the special and unused ids."""
+
+    bos_token_id = None
+
+    def __init__(self, adapter: MockAdapter):
+        names = {i: t for t, i in adapter.special_tokens.items()}
+        size = adapter.config["vocab_size"]
+        self.eos_token_id = size - 1
+        self.tokens = [bytes([i]) for i in range(256)] + [names.get(i, f"<|unused{i}|>").encode()
+                                                          for i in range(256, size)]
+        self.special_token_ids = list(range(256, size))
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)

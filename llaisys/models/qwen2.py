@@ -186,6 +186,11 @@ class Qwen2Adapter(ModelAdapter):
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
 
+    def grammar_tokenizer(self):
+        from llguidance.hf import from_tokenizer
+
+        return from_tokenizer(self._need_tokenizer(), n_vocab=self.model.n_vocab)
+
     def chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         return self._need_tokenizer().apply_chat_template(messages, tools=tools, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt)

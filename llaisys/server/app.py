@@ -179,6 +179,10 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
 
     async def run(engine: AsyncLLM, gen: GenerationRequest, builder, prompt_param: str):
         """Tokenize, check, submit and answer (whole, or as server-sent events) through the builder."""
+        beyond = [t for t in gen.params.logit_bias if t >= engine.vocab_size]
+        if beyond:
+            raise bad_request(f"'logit_bias' names token {beyond[0]}, outside the vocabulary [0, {engine.vocab_size})",
+                              param="logit_bias")
         if gen.params.n > engine.max_num_seqs:
             raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.max_num_seqs} sequences this "
                               f"server runs at once", param="n")

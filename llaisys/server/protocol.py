@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from ..engine import SamplingParams
 from .errors import APIError, bad_request
 from .fim import Infill
+from .structured import response_format_grammar, tool_call_grammar
 from .tools import ToolSpec, message_tool_calls, parse_tools
 
 # Far above what clients send (Continue sends 14 stop strings of its own): only a guard on the search.
@@ -21,9 +22,9 @@ MAX_STOP_STRINGS = 256
 # Fields of both /v1/chat/completions and /v1/completions (vLLM's sampling extensions among them).
 COMMON_FIELDS = {"model", "stream", "stream_options", "user", "n", "max_tokens", "min_tokens", "temperature", "top_p",
                  "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty"}
+                 "frequency_penalty", "repetition_penalty", "logit_bias"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
-                               "parallel_tool_calls"}
+                               "parallel_tool_calls", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "suffix", "echo", "best_of", "logprobs"}
 
 
@@ -90,8 +91,11 @@ def parse_chat(body: dict[str, Any], defaults: dict[str, Any],
     if not messages:
         raise bad_request("'messages' must be a non-empty array of {role, content} objects", param="messages")
     tools = parse_tools(body)
+    grammar = response_format_grammar(body)
     if tools is not None and tools.forced is not None:
-        raise bad_request("'tool_choice' required or a named function is not supported yet", param="tool_choice")
+        if grammar is not None:
+            raise bad_request("'response_format' cannot be combined with a forced tool call", param="response_format")
+        grammar = tool_call_grammar(tools.forced, tools.parallel)
     prompt = render([_message(i, m) for i, m in enumerate(messages)], tools and tools.tools)
     logprobs = field(body, "logprobs", bool, False)
     top = field(body, "top_logprobs", int, None)
@@ -101,7 +105,7 @@ def parse_chat(body: dict[str, Any], defaults: dict[str, Any],
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", int, defaults.get("max_tokens"))
     top = (top or 0) if logprobs else None
-    gen = _generation([{"prompt": prompt}], body, defaults, max_tokens, top)
+    gen = _generation([{"prompt": prompt}], body, defaults, max_tokens, top, grammar)
     gen.tools = tools
     return gen
 
@@ -182,7 +186,7 @@ def _message(index: int, message: Any) -> dict[str, Any]:
 
 
 def _generation(prompts: list[dict[str, Any]], body: dict[str, Any], defaults: dict[str, Any],
-                max_tokens: Optional[int], top_logprobs: Optional[int]) -> GenerationRequest:
+                max_tokens: Optional[int], top_logprobs: Optional[int], grammar: Optional[str] = None) -> GenerationRequest:
     stream = field(body, "stream", bool, False)
     options = field(body, "stream_options", dict, None)
     if options is not None and not stream:
@@ -206,7 +210,7 @@ def _generation(prompts: list[dict[str, Any]], body: dict[str, Any], defaults: d
         presence_penalty=field(body, "presence_penalty", float, 0.0),
         frequency_penalty=field(body, "frequency_penalty", float, 0.0),
         repetition_penalty=field(body, "repetition_penalty", float, defaults.get("repetition_penalty", 1.0)),
-        logprobs=top_logprobs)
+        logprobs=top_logprobs, logit_bias=_logit_bias(body), grammar=grammar)
     params = sampling_params(values, {"logprobs": "top_logprobs"} if "messages" in body else {})
     return GenerationRequest(prompts, params, stream, include_usage, top_logprobs)
 
@@ -218,6 +222,17 @@ def sampling_params(values: dict[str, Any], names: dict[str, str]) -> SamplingPa
     except ValueError as e:  # the message starts with the parameter's name
         name = str(e).split(" ", 1)[0]
         raise bad_request(str(e), param=names.get(name, name))
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, the ids as JSON keys (strings)."""
+    bias = field(body, "logit_bias", dict, {})
+    out = {}
+    for key, value in bias.items():
+        if not (key.isdigit() and JSON_TYPES[float][1](value)):
+            raise bad_request(f"'logit_bias' maps token ids to numbers, got {key!r}: {value!r}"[:300], param="logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def check_stop(stop: Any, name: str = "stop") -> None:
