@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from ..engine import AsyncLLM, EngineClosedError, EngineOverloadedError, RequestOutput
 from ..engine.async_llm import RequestStream
 from .config import ServerConfig
+from .cors import Cors
 from .errors import APIError, bad_request
 from .fim import FimUnsupportedError, Infill, infill_ids
 from .metrics import RequestTimer, ServerMetrics
@@ -30,6 +31,7 @@ from .native import NativeBuilder, parse_infill, parse_native_completion
 from .protocol import (GenerationRequest, check_body, check_model, field, parse_chat, parse_completion,
                        parse_token_ids)
 from .responses import ResponseBuilder, usage
+from .responses_api import ResponsesBuilder, chat_body
 from .service import ModelService
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     service = ModelService(config)
     metrics = ServerMetrics(service.model_name, lambda: service.engine.stats() if service.engine else None)
     static = webui_dir()
+    cors = Cors(config.cors_origin_list)
+    started = int(time.time())  # the models' `created`: when this server started
     tokenizing = anyio.CapacityLimiter(1)  # prompts are tokenized off the event loop, one at a time
     app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
@@ -69,6 +73,15 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     @app.after_serving
     async def stop_model() -> None:
         await service.stop()
+
+    @app.before_request
+    async def answer_preflight() -> Optional[Response]:
+        origin = request.headers.get("Origin")
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        headers = cors.preflight(origin, request.headers.get("Access-Control-Request-Headers", "")) \
+            if cors.allows(origin) else None
+        return Response("", status=204 if headers else 403, headers=headers or {})
 
     @app.before_request
     async def check_api_key() -> Optional[Response]:
@@ -85,6 +98,9 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
 
     @app.after_request
     async def count_response(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if cors.allows(origin) and request.method != "OPTIONS":
+            response.headers.update(cors.headers(origin))
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(request.method, route, str(response.status_code)).inc()
         return response
@@ -119,7 +135,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     @app.get("/v1/models")
     async def models():
         engine = service.ready()
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": started,
                                             "owned_by": "llaisys", "max_model_len": engine.max_model_len}]}
 
     async def model_call() -> tuple[AsyncLLM, dict[str, Any]]:
@@ -139,6 +155,14 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     async def completions():
         engine, body = await model_call()
         return await generate(engine, parse_completion(body, service.defaults), chat=False)
+
+    @app.post("/v1/responses")
+    async def responses():
+        engine, body = await model_call()
+        chat = chat_body(body)
+        gen = parse_chat(chat, service.defaults, lambda m, t: chat_prompt(engine, m, t))
+        builder = ResponseBuilder(True, service.model_name, 1, None, False, gen.tools)
+        return await run(engine, gen, ResponsesBuilder(builder, body), "input")
 
     @app.post("/completion")
     async def native_completion():
