@@ -10,7 +10,6 @@ import pytest
 from llguidance import LLMatcher
 
 from llaisys import SamplingParams
-from llaisys.engine import RequestState
 from llaisys.engine.grammar import GrammarState, GrammarTokenizers
 from llaisys.engine.sampler import SamplingRow, sample
 from llaisys.models.mock import MockAdapter, write_mock_model

@@ -30,7 +30,7 @@ from .metrics import RequestTimer, ServerMetrics
 from .native import NativeBuilder, parse_infill, parse_native_completion
 from .protocol import (GenerationRequest, check_body, check_model, field, parse_chat, parse_completion,
                        parse_token_ids)
-from .responses import ResponseBuilder, usage
+from .responses import ResponseBuilder
 from .responses_api import ResponsesBuilder, chat_body
 from .service import ModelService
 
