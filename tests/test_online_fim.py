@@ -2,6 +2,8 @@
 whose tokenizer has FIM tokens (ids above the bytes), so every prompt and reply can be predicted."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llaisys.models.mock import write_mock_model
@@ -160,3 +162,16 @@ async def test_many_stop_strings_are_accepted(fim_server):
     stops = [f"never{i}" for i in range(40)]
     status, reply = await call(fim_server, "POST", "/v1/completions", {"prompt": "a", "stop": stops, "max_tokens": 3})
     assert status == 200, reply
+
+
+async def test_native_json_schema_and_gbnf_grammar_constrain_the_reply(fim_server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    status, reply = await call(fim_server, "POST", "/completion", {"prompt": "x", "n_predict": 20, "temperature": 0,
+                                                                   "json_schema": schema})
+    assert status == 200 and json.loads(reply["content"]) in ({"ok": True}, {"ok": False}), reply
+    status, reply = await call(fim_server, "POST", "/completion", {"prompt": "x", "n_predict": 20, "temperature": 0,
+                                                                   "grammar": 'root ::= "yes" | "no"'})
+    assert status == 200 and reply["content"] in ("yes", "no") and reply["stop_type"] == "eos", reply
+    status, reply = await call(fim_server, "POST", "/completion", {"prompt": "x", "grammar": "root ::= ("})
+    assert status == 400 and reply["error"]["param"] == "grammar" and "GBNF" in reply["error"]["message"]

@@ -13,6 +13,7 @@ from ..engine import RequestOutput
 from .errors import bad_request
 from .fim import Infill
 from .protocol import GenerationRequest, check_fields, check_stop, field, sampling_params
+from .structured import gbnf_grammar, schema_grammar
 
 # Hints llama.cpp's clients send that steer llama-server's own machinery (slots, timing budgets,
 # sampler order, prompt caching, which is always on here): accepted and without effect.
@@ -20,7 +21,7 @@ HINTS = {"cache_prompt", "samplers", "t_max_prompt_ms", "t_max_predict_ms", "n_i
          "id_slot", "timings_per_token", "return_tokens"}
 COMPLETION_FIELDS = HINTS | {"model", "prompt", "n_predict", "max_tokens", "temperature", "top_k", "top_p", "min_p",
                              "seed", "stop", "repeat_penalty", "presence_penalty", "frequency_penalty",
-                             "ignore_eos", "stream"}
+                             "ignore_eos", "stream", "json_schema", "grammar"}
 INFILL_FIELDS = COMPLETION_FIELDS | {"input_prefix", "input_suffix", "input_extra"}
 
 
@@ -68,11 +69,21 @@ def _generation(prompts: list[dict[str, Any]], body: dict[str, Any], defaults: d
         seed=None if seed < 0 else seed, stop=stop, ignore_eos=field(body, "ignore_eos", bool, False),
         repetition_penalty=field(body, "repeat_penalty", float, defaults.get("repetition_penalty", 1.0)),
         presence_penalty=field(body, "presence_penalty", float, 0.0),
-        frequency_penalty=field(body, "frequency_penalty", float, 0.0))
+        frequency_penalty=field(body, "frequency_penalty", float, 0.0), grammar=_grammar(body))
     if values["max_tokens"] == 0:
         raise bad_request("'n_predict' must be -1 (no limit) or positive", param="n_predict")
     params = sampling_params(values, {"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"})
     return GenerationRequest(prompts, params, field(body, "stream", bool, False), False, None)
+
+
+def _grammar(body: dict[str, Any]):
+    """llama-server's constraints: `json_schema` (a schema object) or `grammar` (GBNF text)."""
+    schema, gbnf = field(body, "json_schema", dict, None), field(body, "grammar", str, None)
+    if schema is not None and gbnf:
+        raise bad_request("give 'json_schema' or 'grammar', not both", param="grammar")
+    if schema is not None:
+        return schema_grammar(schema, "json_schema")
+    return gbnf_grammar(gbnf, "grammar") if gbnf else None
 
 
 class NativeBuilder:

@@ -6,6 +6,7 @@ import json
 from typing import Any, Optional
 
 from llguidance import LLMatcher
+from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
 
 from .errors import bad_request
 from .tool_calls import CLOSE, OPEN
@@ -24,7 +25,7 @@ def response_format_grammar(body: dict[str, Any]) -> Optional[str]:
     if kind == "text":
         return None
     if kind == "json_object":
-        return checked(LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS), "response_format")
+        return schema_grammar({"type": "object"}, "response_format")
     if kind != "json_schema":
         raise bad_request("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
                           param="response_format")
@@ -33,7 +34,21 @@ def response_format_grammar(body: dict[str, Any]) -> Optional[str]:
     if not isinstance(schema, dict):
         raise bad_request("'response_format.json_schema' must be {'name', 'schema': {...}}",
                           param="response_format.json_schema")
-    return checked(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS), "response_format.json_schema")
+    return schema_grammar(schema, "response_format.json_schema")
+
+
+def schema_grammar(schema: dict[str, Any], param: str) -> str:
+    """Any value of the JSON schema, compact."""
+    return checked(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS), param)
+
+
+def gbnf_grammar(gbnf: str, param: str) -> str:
+    """A llama.cpp GBNF grammar, through llguidance's Lark."""
+    try:
+        lark = gbnf_to_lark(gbnf)
+    except GbnfToLarkError as e:
+        raise bad_request(f"the grammar is not valid GBNF: {e}"[:500], param=param)
+    return checked(LLMatcher.grammar_from_lark(lark), param)
 
 
 def tool_call_grammar(functions: list[dict[str, Any]], parallel: bool) -> str:
