@@ -81,6 +81,9 @@ def test_the_state_follows_rollbacks_of_the_output(mock_dir):
         out.append(int(np.flatnonzero(masks[-1])[-1]))
     state.sync(out[:4], ends)  # four tokens kept, the rest taken away
     assert np.array_equal(state.allowed(ends), masks[4])
+    state.sync(out + [EOS], ends)  # an end token is never fed to the grammar...
+    state.sync(out[:6], ends)  # ...nor rolled back
+    assert np.array_equal(state.allowed(ends), masks[6])
     state.sync(out, ends)
     fresh = GrammarState(grammar(SCHEMAS[0]), tokenizers, VOCAB)
     fresh.sync(out, ends)
@@ -103,7 +106,8 @@ def test_the_mask_composes_with_bans_and_logit_bias():
 @pytest.mark.parametrize("kwargs, name", [(dict(logit_bias={-1: 1.0}), "logit_bias"),
                                           (dict(logit_bias={3: 101.0}), "logit_bias"),
                                           (dict(grammar=5), "grammar"),
-                                          (dict(grammar="{}", min_tokens=2), "min_tokens")])
+                                          (dict(grammar="{}", min_tokens=2), "min_tokens"),
+                                          (dict(grammar="{}", ignore_eos=True), "ignore_eos")])
 def test_bad_params_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         SamplingParams(**kwargs)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class GrammarTokenizers:
-    """The model's vocabulary in llguidance's form, built once on first use (about 1.6 s for Qwen2's)."""
+    """The model's vocabulary in llguidance's form, built once on first use (about 2 s for Qwen2's)."""
 
     def __init__(self, build: Callable[[], object]):
         self._build = build
@@ -41,7 +41,7 @@ class GrammarState:
         self._tokenizers = tokenizers
         self._n_vocab = n_vocab
         self._matcher = None  # made on first use, in the thread that steps the engine
-        self._consumed = 0  # output tokens the matcher has taken
+        self._fed: list[bool] = []  # per output token seen: whether the matcher consumed it
 
     @property
     def matcher(self):
@@ -54,13 +54,14 @@ class GrammarState:
     def sync(self, output_ids: Sequence[int], end_ids: Collection[int]) -> None:
         """Bring the matcher to the end of output_ids: consume what is new, roll back what went away."""
         m = self.matcher
-        if self._consumed > len(output_ids):
-            m.rollback(self._consumed - len(output_ids))
-            self._consumed = len(output_ids)
-        for token in output_ids[self._consumed:]:
-            if token not in end_ids:  # an end token finishes the completion, the grammar never sees it
+        if len(self._fed) > len(output_ids):
+            m.rollback(sum(self._fed[len(output_ids):]))
+            del self._fed[len(output_ids):]
+        for token in output_ids[len(self._fed):]:
+            fed = token not in end_ids  # an end token finishes the completion, the grammar never sees it
+            if fed:
                 m.consume_token(int(token))
-            self._consumed += 1
+            self._fed.append(fed)
 
     @property
     def done(self) -> bool:

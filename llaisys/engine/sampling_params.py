@@ -88,6 +88,8 @@ class SamplingParams:
             raise ValueError(f"grammar must be a string, got {type(self.grammar).__name__}")
         if self.grammar is not None and self.min_tokens:
             raise ValueError("min_tokens cannot be combined with a grammar (it may have to end sooner)")
+        if self.grammar is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a grammar (the grammar decides where the end is)")
 
     @property
     def greedy(self) -> bool:
