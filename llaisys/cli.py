@@ -62,7 +62,7 @@ def cmd_serve(args) -> int:
     from .server import ServerConfig, create_app
 
     config = ServerConfig.from_env(
-        model=args.model, served_model_name=args.served_model_name, api_key=args.api_key,
+        model=args.model, served_model_name=args.served_model_name, api_key=args.api_key, cors_origins=args.cors_origins,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, n_ctx=args.ctx,
         max_model_len=args.max_model_len, max_waiting=args.max_waiting, n_threads=args.threads,
         kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, request_timeout=args.request_timeout,
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the model id clients use (default: directory name)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (comma list)")
+    srv.add_argument("--cors-origins", default=None, help="origins whose browser pages may call the API: a comma "
+                     "list or '*' (default: none)")
     srv.add_argument("--max-num-seqs", type=int, default=None, help="completions running at once (32)")
     srv.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step (512)")
     srv.add_argument("--ctx", type=int, default=None, help="KV cells shared by all sequences (16384)")

@@ -33,6 +33,22 @@ def post_json(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
     return _json_exchange(request, timeout)
 
 
+def post_fuzzed(url: str, body: dict, timeout: float = 60.0) -> None:
+    """POST a (fuzzed) JSON body: the answer is a 200 or a 400/404 in OpenAI's error shape, never a 500;
+    a 200 stream ends with [DONE] and carries no error event."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    assert status in (200, 400, 404), (status, text)
+    if status != 200:
+        assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream") is True:
+        assert text.endswith("data: [DONE]\n\n") and '"error"' not in text
+
+
 def _json_exchange(request: urllib.request.Request, timeout: float) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:

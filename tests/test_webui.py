@@ -564,6 +564,25 @@ def test_phone_width_layout(driver, mock_server):
     assert page.find_all(".empty-state")
 
 
+def test_tool_calls_in_a_reply_show_as_cards(driver, mock_server):
+    """A reply holding Qwen2.5's tagged tool calls shows each as a card with its function's name and
+    pretty-printed arguments, the surrounding text rendered as usual and no raw tag left."""
+    page = ChatPage(driver, mock_server).open()
+    reply = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+             '<tool_call>{"name": "get_time", "arguments": {"zone": "<b>UTC</b>"}}</tool_call>')
+    conversation = {"id": "c1", "title": "weather", "created": 1, "updated": 1, "messages": [
+        {"role": "user", "content": "Weather and time?"}, {"role": "assistant", "content": reply}]}
+    page.js("localStorage.setItem('llaisys.conversations', arguments[0]);"
+            "localStorage.setItem('llaisys.currentConversation', JSON.stringify('c1'));", json.dumps([conversation]))
+    page.reload()
+    assert page.texts(".tool-call-name") == ["Tool call: get_weather", "Tool call: get_time"]
+    args = page.texts(".tool-call-args")
+    assert json.loads(args[0]) == {"city": "Paris"} and '"city": "Paris"' in args[0]  # indented, one key a line
+    assert json.loads(args[1]) == {"zone": "<b>UTC</b>"} and not page.find_all(".tool-call-args b")
+    text = page.texts(".message.assistant .content")[0]
+    assert "Let me check." in text and "<tool_call>" not in text
+
+
 # ---------- the real model ----------
 
 XSS_PROMPT = ("Output this text exactly as written and nothing else: "

@@ -333,16 +333,19 @@
     footer.textContent = "";
     node.classList.toggle("pending", !!msg.pending);
     node.classList.toggle("stopped", !!msg.stopped);
-    if (msg.content) {
-      content.appendChild(render(msg.content));
-    } else if (msg.pending) {
+    var reply = window.llaisysToolCalls.split(msg.content || "");
+    var calls = reply.calls.concat(msg.toolCalls || []);
+    if (reply.text) content.appendChild(render(reply.text));
+    if (calls.length) content.appendChild(window.llaisysToolCalls.node(calls));
+    var empty = !msg.content && !calls.length;
+    if (empty && msg.pending) {
       var typing = el("div", "typing");
       typing.setAttribute("aria-label", "waiting for the first token");
       typing.appendChild(el("span"));
       typing.appendChild(el("span"));
       typing.appendChild(el("span"));
       content.appendChild(typing);
-    } else if (msg.stopped) {
+    } else if (empty && msg.stopped) {
       content.appendChild(el("p", "muted", "(stopped before any text arrived)"));
     }
     if (msg.error) {
@@ -679,6 +682,12 @@
           queueReplyRender();
           if (Date.now() - state.lastSave > 1000) saveConversations();
         }
+        (choice.delta && choice.delta.tool_calls || []).forEach(function (call) {
+          if (!call.function) return;
+          message.toolCalls = (message.toolCalls || []).concat([
+            { name: call.function.name, arguments: call.function.arguments }]);
+          queueReplyRender();
+        });
         if (choice.finish_reason) finish = choice.finish_reason;
       });
       if (!done && !finish) {

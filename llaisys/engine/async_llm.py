@@ -46,6 +46,7 @@ class AsyncLLM:
         self._task_group: Optional[anyio.abc.TaskGroup] = None
         self._stats = engine.stats()
         self._generation_defaults = engine.adapter.generation_defaults
+        self._special_tokens = dict(engine.special_tokens)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
@@ -119,18 +120,27 @@ class AsyncLLM:
         with self._text_lock:
             return self._text.decode(check_ids(ids, self.engine.vocab_size))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """A conversation in the model's chat template, ready for generation."""
+    def chat_prompt(self, messages: list[dict], tools: Optional[list[dict]] = None) -> str:
+        """A conversation in the model's chat template (with the tools offered), ready for generation."""
         with self._text_lock:
-            return chat_text(messages, self._text.chat_text)
+            return chat_text(messages, lambda m: self._text.chat_text(m, tools=tools))
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
     def max_num_seqs(self) -> int:
         return self.engine.args.max_num_seqs
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special tokens by their text (FIM markers among them, for a FIM model)."""
+        return dict(self._special_tokens)
 
     @property
     def generation_defaults(self) -> dict:

@@ -100,8 +100,12 @@ class Executor:
         output = c.output_ids + list(emitted) if emitted else c.output_ids
         banned = ()
         if len(output) < params.min_tokens:
-            banned = request.eos_ids | set(params.stop_token_ids)
-        return SamplingRow(params, c.generator, request.prompt_ids, output, banned)
+            banned = request.eos_ids | set(params.stop_token_ids) | request.special_stops.keys()
+        allowed = None
+        if c.grammar is not None:
+            c.grammar.sync(output, request.eos_ids)  # a verify's emitted tokens too
+            allowed = c.grammar.allowed(request.eos_ids)
+        return SamplingRow(params, c.generator, request.prompt_ids, output, banned, allowed)
 
     def _logprobs(self, token: int, logprobs) -> Optional[StepLogprobs]:
         """The sampled token's and the top alternatives' log-probabilities, decoded."""

@@ -19,6 +19,7 @@ from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError
 from .executor import Executor
+from .grammar import GrammarState, GrammarTokenizers
 from .outputs import RequestOutput, SpecCounters
 from .request import Request, RequestState
 from .sampling_params import SamplingParams
@@ -77,7 +78,9 @@ class LLMEngine:
             args.num_speculative_tokens, args.prompt_lookup_min, args.prompt_lookup_max, args.speculative_adaptive)
         self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv, self.speculator)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
-        self.eos_ids = frozenset(adapter.eos_token_ids)
+        self.eos_ids = frozenset(adapter.end_token_ids)
+        self.special_tokens = adapter.special_tokens
+        self.grammar_tokenizers = GrammarTokenizers(adapter.grammar_tokenizer)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._ids = itertools.count()
         self._generation_tokens = self._steps = self._failed = 0
@@ -105,8 +108,12 @@ class LLMEngine:
         if params.n > self.args.max_num_seqs:
             raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.args.max_num_seqs})")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        # A stop string naming a special token matches that token: its text is never decoded.
+        special_stops = {self.special_tokens[s]: s for s in params.stop if s in self.special_tokens}
+        grammar = params.grammar
+        make_grammar = None if grammar is None else lambda: GrammarState(grammar, self.grammar_tokenizers, self.vocab_size)
         return Request(request_id, text, ids, params, self.eos_ids, self.max_model_len, self._detokenizer(params),
-                       arrival_time)
+                       arrival_time, special_stops, make_grammar)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -197,9 +204,9 @@ class LLMEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.adapter.decode(check_ids(ids, self.vocab_size))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """A conversation in the model's chat template, ready for generation."""
-        return chat_text(messages, self.adapter.chat_text)
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> str:
+        """A conversation in the model's chat template (with the tools offered), ready for generation."""
+        return chat_text(messages, lambda m: self.adapter.chat_text(m, tools=tools))
 
     def _detokenizer(self, params: SamplingParams):
         decode, stop = self.adapter.decode, params.stop

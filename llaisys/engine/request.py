@@ -48,6 +48,7 @@ class Completion:
         params = request.params
         self.generator = None if params.greedy else np.random.default_rng(
             None if params.seed is None else [params.seed, index])
+        self.grammar = request.make_grammar() if request.make_grammar is not None else None
         self.logprobs: Optional[list[StepLogprobs]] = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         # What changed since the last increment was taken (for streaming).
@@ -97,12 +98,18 @@ class Completion:
         n_out = len(self.output_ids)
         if token in params.stop_token_ids:
             self.finish("stop", token)
+        elif token in request.special_stops:
+            self.finish("stop", request.special_stops[token])
         elif token in request.eos_ids:
             self.finish("stop")
         else:
             self.new_text += self.detokenizer.add_token(token, check_stop=n_out >= params.min_tokens)
             if self.detokenizer.stop_string is not None:
                 self.finish("stop", self.detokenizer.stop_string)
+        if not self.finished and self.grammar is not None:
+            self.grammar.sync(self.output_ids, request.eos_ids)
+            if self.grammar.done:
+                self.finish("stop")
         if not self.finished and n_out >= request.max_output:
             self.finish("length")
 
@@ -128,7 +135,8 @@ class Request:
     """A prompt, its sampling parameters, its completions and its lifecycle."""
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int], params: SamplingParams,
-                 eos_ids: frozenset[int], max_context: int, make_detokenizer, arrival_time: Optional[float] = None):
+                 eos_ids: frozenset[int], max_context: int, make_detokenizer, arrival_time: Optional[float] = None,
+                 special_stops: Optional[dict[int, str]] = None, make_grammar=None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
@@ -136,6 +144,8 @@ class Request:
         self.state = RequestState.QUEUED
         self.error: Optional[str] = None
         self.eos_ids = frozenset() if params.ignore_eos else eos_ids
+        self.special_stops = special_stops or {}  # token id -> the stop string that names it
+        self.make_grammar = make_grammar  # () -> a GrammarState for each completion; None = unconstrained
         # The output may not outgrow max_tokens nor the context.
         room = max_context - len(prompt_ids)
         self.max_output = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -1,7 +1,8 @@
 """Choosing the next token of every sequence from one step's logits (vLLM / HF semantics).
 
 Per row, in this order:
-  1. banned_ids (EOS / stop ids before min_tokens) get -inf;
+  1. banned_ids (EOS / stop ids before min_tokens) and tokens outside the row's `allowed` mask (a
+     grammar's) get -inf, then logit_bias is added;
   2. repetition_penalty on tokens of the prompt or output (HF: positive logits divided, others multiplied),
      then frequency_penalty * count and presence_penalty * (count > 0) subtracted (OpenAI);
   3. greedy rows (temperature 0) take the argmax, lowest id on ties, and draw nothing;
@@ -41,6 +42,7 @@ class SamplingRow:
     prompt_ids: Sequence[int]               # for repetition_penalty
     output_ids: Sequence[int]               # for all three penalties
     banned_ids: Collection[int] = ()        # must not be sampled now (EOS / stop ids before min_tokens)
+    allowed: np.ndarray | None = None       # (V,) bool: only these may be sampled (a grammar's mask)
 
 
 @dataclasses.dataclass
@@ -103,7 +105,7 @@ def _checked(logits: np.ndarray, rows: Sequence[SamplingRow]) -> np.ndarray:
 
 
 def _needs_adjusting(row: SamplingRow) -> bool:
-    return len(row.banned_ids) > 0 or row.params.has_penalties
+    return len(row.banned_ids) > 0 or row.allowed is not None or bool(row.params.logit_bias) or row.params.has_penalties
 
 
 def _adjust(x: np.ndarray, row: SamplingRow) -> None:
@@ -111,6 +113,10 @@ def _adjust(x: np.ndarray, row: SamplingRow) -> None:
     params = row.params
     if len(row.banned_ids):
         x[np.fromiter(row.banned_ids, dtype=np.int64)] = -np.inf
+    if row.allowed is not None:
+        np.copyto(x, -np.inf, where=~row.allowed)
+    if params.logit_bias:
+        x[np.fromiter(params.logit_bias, dtype=np.int64)] += np.fromiter(params.logit_bias.values(), dtype=np.float32)
     if params.repetition_penalty != 1.0:
         # Repeated ids need no np.unique: each copy is set to the same value, computed from the original.
         seen = np.concatenate([np.asarray(row.prompt_ids, dtype=np.int64), np.asarray(row.output_ids, dtype=np.int64)])

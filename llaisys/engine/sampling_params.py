@@ -32,6 +32,9 @@ class SamplingParams:
                         (plus the sampled one); None = none.
     speculative:        False = never draft tokens for this request, even when the engine speculates
                         (its output is the same either way; only its speed changes).
+    logit_bias:         token id -> a value in [-100, 100] added to its logit (OpenAI's).
+    grammar:            an llguidance grammar (LLMatcher.grammar_from_json_schema / _lark / _regex):
+                        only tokens it allows are sampled, and the completion stops when it is complete.
     """
 
     n: int = 1
@@ -50,6 +53,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
     speculative: bool = True
+    logit_bias: Optional[dict[int, float]] = None
+    grammar: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -79,6 +84,16 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        self.logit_bias = dict(self.logit_bias or {})
+        for token, bias in self.logit_bias.items():
+            _check_int("logit_bias", token, low=0)
+            _check_float("logit_bias", bias, low=-100.0, high=100.0)
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be a string, got {type(self.grammar).__name__}")
+        if self.grammar is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with a grammar (it may have to end sooner)")
+        if self.grammar is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a grammar (the grammar decides where the end is)")
 
     @property
     def greedy(self) -> bool:

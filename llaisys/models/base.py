@@ -10,6 +10,10 @@ from typing import Any, Sequence
 from ..core import Model
 
 
+# Tokens that end a completion like EOS does: a FIM model emits them after the middle it was asked for.
+FIM_END_TOKENS = ("<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+
+
 class ModelLoadError(ValueError):
     """A model directory that cannot be loaded: the message names the file or weight at fault."""
 
@@ -57,6 +61,17 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special tokens (hidden when decoding), by their text."""
+        return {}
+
+    @property
+    def end_token_ids(self) -> set[int]:
+        """The tokens that end a completion: EOS, and the FIM tokens that mean a fill is over."""
+        special = self.special_tokens
+        return set(self.eos_token_ids) | {special[t] for t in FIM_END_TOKENS if t in special}
+
+    @property
     def max_context(self) -> int:
         """The longest sequence the checkpoint supports (further limited by n_ctx)."""
         raise NotImplementedError
@@ -67,8 +82,13 @@ class ModelAdapter:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """A conversation formatted with the model's chat template."""
+    def grammar_tokenizer(self):
+        """The vocabulary as an llguidance LLTokenizer, for constrained decoding."""
+        raise NotImplementedError(f"{type(self).__name__} has no grammar tokenizer")
+
+    def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                  tools: list[dict[str, Any]] | None = None) -> str:
+        """A conversation formatted with the model's chat template, with the tools (OpenAI's shape) offered."""
         raise NotImplementedError
 
     @property

@@ -173,6 +173,12 @@ class Qwen2Adapter(ModelAdapter):
         return self._eos
 
     @property
+    def special_tokens(self) -> dict[str, int]:
+        if self.tokenizer is None:
+            return {}
+        return {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+
+    @property
     def max_context(self) -> int:
         return min(self.config.get("max_position_embeddings", 32768), self.model.params.n_ctx)
 
@@ -192,8 +198,13 @@ class Qwen2Adapter(ModelAdapter):
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
 
-    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
-        return self._need_tokenizer().apply_chat_template(messages, tokenize=False,
+    def grammar_tokenizer(self):
+        from llguidance.hf import from_tokenizer
+
+        return from_tokenizer(self._need_tokenizer(), n_vocab=self.model.n_vocab)
+
+    def chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
+        return self._need_tokenizer().apply_chat_template(messages, tools=tools, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt)
 
 

@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -22,11 +23,15 @@ from werkzeug.exceptions import HTTPException
 from ..engine import AsyncLLM, EngineClosedError, EngineOverloadedError, RequestOutput
 from ..engine.async_llm import RequestStream
 from .config import ServerConfig
+from .cors import Cors
 from .errors import APIError, bad_request
+from .fim import FimUnsupportedError, Infill, infill_ids
 from .metrics import RequestTimer, ServerMetrics
+from .native import NativeBuilder, parse_infill, parse_native_completion
 from .protocol import (GenerationRequest, check_body, check_model, field, parse_chat, parse_completion,
                        parse_token_ids)
-from .responses import ResponseBuilder, usage
+from .responses import ResponseBuilder
+from .responses_api import ResponsesBuilder, chat_body
 from .service import ModelService
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,8 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     service = ModelService(config)
     metrics = ServerMetrics(service.model_name, lambda: service.engine.stats() if service.engine else None)
     static = webui_dir()
+    cors = Cors(config.cors_origin_list)
+    started = int(time.time())  # the models' `created`: when this server started
     tokenizing = anyio.CapacityLimiter(1)  # prompts are tokenized off the event loop, one at a time
     app = Quart(__name__, static_folder=None)
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
@@ -66,6 +73,15 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     @app.after_serving
     async def stop_model() -> None:
         await service.stop()
+
+    @app.before_request
+    async def answer_preflight() -> Optional[Response]:
+        origin = request.headers.get("Origin")
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        headers = cors.preflight(origin, request.headers.get("Access-Control-Request-Headers", "")) \
+            if cors.allows(origin) else None
+        return Response("", status=204 if headers else 403, headers=headers or {})
 
     @app.before_request
     async def check_api_key() -> Optional[Response]:
@@ -82,6 +98,9 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
 
     @app.after_request
     async def count_response(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if cors.allows(origin) and request.method != "OPTIONS":
+            response.headers.update(cors.headers(origin))
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(request.method, route, str(response.status_code)).inc()
         return response
@@ -116,7 +135,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     @app.get("/v1/models")
     async def models():
         engine = service.ready()
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": started,
                                             "owned_by": "llaisys", "max_model_len": engine.max_model_len}]}
 
     async def model_call() -> tuple[AsyncLLM, dict[str, Any]]:
@@ -129,18 +148,39 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     @app.post("/v1/chat/completions")
     async def chat_completions():
         engine, body = await model_call()
-        return await generate(engine, parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)), chat=True)
+        return await generate(engine, parse_chat(body, service.defaults, lambda m, t: chat_prompt(engine, m, t)),
+                              chat=True)
 
     @app.post("/v1/completions")
     async def completions():
         engine, body = await model_call()
         return await generate(engine, parse_completion(body, service.defaults), chat=False)
 
+    @app.post("/v1/responses")
+    async def responses():
+        engine, body = await model_call()
+        chat = chat_body(body)
+        gen = parse_chat(chat, service.defaults, lambda m, t: chat_prompt(engine, m, t))
+        builder = ResponseBuilder(True, service.model_name, 1, None, False, gen.tools)
+        return await run(engine, gen, ResponsesBuilder(builder, body), "input")
+
+    @app.post("/completion")
+    async def native_completion():
+        engine, body = await model_call()
+        gen = parse_native_completion(body, service.defaults)
+        return await run(engine, gen, NativeBuilder(service.model_name, f"cmpl-{uuid.uuid4().hex}"), "prompt")
+
+    @app.post("/infill")
+    async def infill():
+        engine, body = await model_call()
+        gen = parse_infill(body, service.defaults)
+        return await run(engine, gen, NativeBuilder(service.model_name, f"cmpl-{uuid.uuid4().hex}"), "input_prefix")
+
     @app.post("/tokenize")
     async def tokenize():
         engine, body = await model_call()
         if "messages" in body:
-            text = parse_chat(body, service.defaults, lambda m: chat_prompt(engine, m)).prompts[0]["prompt"]
+            text = parse_chat(body, service.defaults, lambda m, t: chat_prompt(engine, m, t)).prompts[0]["prompt"]
         else:
             text = field(body, "prompt", str)
             if not text:
@@ -158,17 +198,27 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             raise bad_request(str(e), param="tokens")
 
     async def generate(engine: AsyncLLM, gen: GenerationRequest, chat: bool):
-        builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs)
-        prompt_param = "messages" if chat else "prompt"
+        builder = ResponseBuilder(chat, service.model_name, gen.params.n, gen.top_logprobs, gen.include_usage, gen.tools)
+        return await run(engine, gen, builder, "messages" if chat else "prompt")
+
+    async def run(engine: AsyncLLM, gen: GenerationRequest, builder, prompt_param: str):
+        """Tokenize, check, submit and answer (whole, or as server-sent events) through the builder."""
+        beyond = [t for t in gen.params.logit_bias if t >= engine.vocab_size]
+        if beyond:
+            raise bad_request(f"'logit_bias' names token {beyond[0]}, outside the vocabulary [0, {engine.vocab_size})",
+                              param="logit_bias")
         if gen.params.n > engine.max_num_seqs:
             raise bad_request(f"'n' ({gen.params.n}) exceeds the {engine.max_num_seqs} sequences this "
                               f"server runs at once", param="n")
-        prompts = [await tokenized(engine, p, prompt_param) for p in gen.prompts]
+        if gen.infill is not None:
+            prompts = [await infill_prompt(engine, gen.infill, gen.params.max_tokens, prompt_param)]
+        else:
+            prompts = [await tokenized(engine, p, prompt_param) for p in gen.prompts]
         for _, ids in prompts:
             check_length(len(ids), gen.params.max_tokens, engine.max_model_len, prompt_param)
         streams = submit(engine, gen, prompts, builder.id)
         if gen.stream:
-            return Response(sse_events(gen, builder, streams), content_type="text/event-stream",
+            return Response(sse_events(builder, streams), content_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async for _ in watched(streams, config.request_timeout, metrics):
             pass
@@ -186,6 +236,23 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             return await anyio.to_thread.run_sync(engine.tokenize, prompt, limiter=tokenizing)
         except ValueError as e:
             raise bad_request(str(e), param=param)
+
+    async def infill_prompt(engine: AsyncLLM, fill: Infill, max_tokens: Optional[int],
+                            param: str) -> tuple[Optional[str], list[int]]:
+        """A fill-in-the-middle prompt's ids, cut to leave max_tokens (a quarter of the context when
+        unbounded) for the middle; 400 for a model without FIM tokens."""
+        texts = [fill.prefix, fill.suffix, fill.prompt, *(f"{n}{t}" for n, t in fill.extra)]
+        limit = MAX_CHARS_PER_TOKEN * engine.max_model_len
+        if sum(map(len, texts)) > limit:
+            raise bad_request(f"the infill prompt has more than the {limit} characters the {engine.max_model_len}-"
+                              f"token context could hold", param=param)
+        room = engine.max_model_len - (max_tokens or engine.max_model_len // 4)
+        try:
+            ids = await anyio.to_thread.run_sync(infill_ids, fill, engine.special_tokens,
+                                                 lambda text: engine.tokenize(text)[1], room, limiter=tokenizing)
+        except FimUnsupportedError as e:
+            raise bad_request(str(e), param=param)
+        return None, ids
 
     def submit(engine: AsyncLLM, gen: GenerationRequest, prompts: list[tuple[Optional[str], list[int]]],
                call_id: str) -> list[RequestStream]:
@@ -205,25 +272,19 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
             raise
         return streams
 
-    async def sse_events(gen: GenerationRequest, builder: ResponseBuilder,
-                         streams: list[RequestStream]) -> AsyncIterator[bytes]:
-        include = gen.include_usage
-        if builder.chat:
-            for index in range(len(streams) * gen.params.n):
-                yield sse(builder.chunk([builder.role_choice(index)], include_usage=include))
+    async def sse_events(builder, streams: list[RequestStream]) -> AsyncIterator[bytes]:
+        for event in builder.stream_start(len(streams)):
+            yield sse(event)
         try:
             async for i, delta in watched(streams, config.request_timeout, metrics):
-                for c in delta.outputs:
-                    index = builder.index(i, c)
-                    if c.text or (gen.top_logprobs is not None and c.token_ids):
-                        yield sse(builder.chunk([builder.piece_choice(index, c)], include_usage=include))
-                    if c.finished:
-                        yield sse(builder.chunk([builder.finish_choice(index, c)], include_usage=include))
-            if include:
-                yield sse(builder.chunk([], usage([s.output() for s in streams]), include_usage=True))
+                for event in builder.stream_delta(i, delta):
+                    yield sse(event)
+            for event in builder.stream_end([s.output() for s in streams]):
+                yield sse(event)
         except APIError as e:  # the status line is long gone: the error travels as an event
             yield sse(e.body())
-        yield b"data: [DONE]\n\n"
+        if builder.done_marker:
+            yield b"data: [DONE]\n\n"
 
     return app
 
@@ -295,9 +356,9 @@ def check_length(prompt_tokens: int, max_tokens: Optional[int], max_model_len: i
                           param="max_tokens" if prompt_tokens < max_model_len else prompt_param)
 
 
-def chat_prompt(engine: AsyncLLM, messages: list[dict[str, str]]) -> str:
+def chat_prompt(engine: AsyncLLM, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]]) -> str:
     try:
-        return engine.chat_prompt(messages)
+        return engine.chat_prompt(messages, tools)
     except TemplateError as e:
         raise bad_request(f"the chat template rejected the messages: {e}", param="messages")
 

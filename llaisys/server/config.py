@@ -21,6 +21,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LLAISYS_MODEL": ("model", str),
     "LLAISYS_SERVED_MODEL_NAME": ("served_model_name", str),
     "LLAISYS_API_KEY": ("api_key", str),
+    "LLAISYS_CORS_ORIGINS": ("cors_origins", str),
     "LLAISYS_MAX_NUM_SEQS": ("max_num_seqs", int),
     "LLAISYS_MAX_NUM_BATCHED_TOKENS": ("max_num_batched_tokens", int),
     "LLAISYS_CTX": ("n_ctx", int),
@@ -49,6 +50,7 @@ class ServerConfig:
     served_model_name: the id clients pass as `model`; None = the model directory's name.
     api_key:           when set, every /v1/* request needs `Authorization: Bearer <key>`
                        (a comma-separated list allows several keys).
+    cors_origins:      origins (comma-separated, or "*") whose browser pages may call the API; None = none.
     request_timeout:   seconds a request may run before it is aborted; 0 = no limit.
     enable_prefix_caching: keep computed prompts' and replies' KV cells for later requests that start
                        the same way (a shared system prompt, a chat's next turn; see the engine).
@@ -58,6 +60,7 @@ class ServerConfig:
     model: Optional[str] = None
     served_model_name: Optional[str] = None
     api_key: Optional[str] = None
+    cors_origins: Optional[str] = None
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     n_ctx: int = 16384
@@ -94,6 +97,10 @@ class ServerConfig:
                     raise ValueError(f"{var} must be {KINDS[kind]}, got {raw!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
 
     @property
     def api_keys(self) -> list[str]:

@@ -1,24 +1,34 @@
 """Engine outputs in OpenAI's response shapes: chat.completion(.chunk) and text_completion."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Optional
 
 from ..engine import CompletionOutput, RequestOutput
+from .tool_calls import StreamingToolParser, parse_tool_calls
+from .tools import ToolSpec
 
 
 class ResponseBuilder:
     """The answer to one API call, whole or as stream chunks. Choice index = prompt index * n + completion index.
 
-    chat: True for /v1/chat/completions, False for /v1/completions.
+    chat: True for /v1/chat/completions, False for /v1/completions. With tools, a chat reply's tool
+    calls become message.tool_calls (streamed: delta.tool_calls when the choice ends).
     """
 
-    def __init__(self, chat: bool, model: str, n: int, top_logprobs: Optional[int]):
+    done_marker = True  # a stream ends with `data: [DONE]`
+
+    def __init__(self, chat: bool, model: str, n: int, top_logprobs: Optional[int], include_usage: bool = False,
+                 tools: Optional[ToolSpec] = None):
         self.chat = chat
         self.model = model
         self.n = n
         self.top_logprobs = top_logprobs
+        self.include_usage = include_usage
+        self.tools = tools
+        self._parsers: dict[int, StreamingToolParser] = {}  # choice -> its tool-call parser (streams with tools)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._text_offsets: dict[int, int] = {}  # choice -> characters streamed so far (completion logprobs)
@@ -32,12 +42,19 @@ class ResponseBuilder:
         for p, out in enumerate(outputs):
             for c in out.outputs:
                 choice: dict[str, Any] = {"index": self.index(p, c)}
+                finish_reason = c.finish_reason
                 if self.chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
+                    if self.tools is not None:
+                        content, calls = parse_tool_calls(c.text, self.tools.names, self.tools.parallel)
+                        if calls:
+                            choice["message"] = {"role": "assistant", "content": content,
+                                                 "tool_calls": [call.as_dict() for call in calls]}
+                            finish_reason = "tool_calls"
                 else:
                     choice["text"] = c.text
                 choice["logprobs"] = self._logprobs(self.index(p, c), c)
-                choice["finish_reason"] = c.finish_reason
+                choice["finish_reason"] = finish_reason
                 if c.stop_reason is not None:
                     choice["stop_reason"] = c.stop_reason
                 choices.append(choice)
@@ -46,7 +63,42 @@ class ResponseBuilder:
                 "created": self.created, "model": self.model, "choices": choices, "usage": usage(outputs),
                 "system_fingerprint": None}
 
-    # stream chunks
+    # stream events
+    def stream_start(self, num_prompts: int) -> list[dict[str, Any]]:
+        """A chat stream opens with each choice's role."""
+        if not self.chat:
+            return []
+        return [self.chunk([self.role_choice(i)], include_usage=self.include_usage)
+                for i in range(num_prompts * self.n)]
+
+    def stream_delta(self, prompt_index: int, delta: RequestOutput) -> list[dict[str, Any]]:
+        events = []
+        for c in delta.outputs:
+            index = self.index(prompt_index, c)
+            finish_reason = c.finish_reason
+            calls = []
+            if self.tools is not None:
+                parser = self._parsers.setdefault(index, StreamingToolParser(self.tools.names, self.tools.parallel))
+                text = parser.feed(c.text)
+                if c.finished:
+                    rest, calls = parser.finish()
+                    text += rest
+                c = dataclasses.replace(c, text=text)
+            if c.text or (self.top_logprobs is not None and c.token_ids):
+                events.append(self.chunk([self.piece_choice(index, c)], include_usage=self.include_usage))
+            if calls:
+                finish_reason = "tool_calls"
+                events.append(self.chunk([{"index": index, "delta": {"tool_calls": [
+                    call.as_dict(i) for i, call in enumerate(calls)]}, "logprobs": None, "finish_reason": None}],
+                    include_usage=self.include_usage))
+            if c.finished:
+                events.append(self.chunk([self.finish_choice(index, dataclasses.replace(c, finish_reason=finish_reason))],
+                                         include_usage=self.include_usage))
+        return events
+
+    def stream_end(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
+        return [self.chunk([], usage(outputs), include_usage=True)] if self.include_usage else []
+
     def chunk(self, choices: list[dict[str, Any]], usage_: Optional[dict[str, int]] = None,
               include_usage: bool = False) -> dict[str, Any]:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
