@@ -158,6 +158,17 @@ async def test_bad_fim_bodies_get_400_naming_the_field(fim_server, path, body, p
     assert status == 400 and reply["error"]["param"] == param, reply
 
 
+async def test_openai_bookkeeping_fields_and_the_speculation_opt_out_are_accepted(fim_server):
+    body = {"prompt": "a", "max_tokens": 3, "temperature": 0}
+    _, plain = await call(fim_server, "POST", "/v1/completions", body)
+    status, reply = await call(fim_server, "POST", "/v1/completions",
+                               {**body, "store": False, "metadata": {"k": "v"}, "service_tier": "auto",
+                                "user": "u", "speculative": False})
+    assert status == 200 and reply["choices"][0]["text"] == plain["choices"][0]["text"], reply
+    status, reply = await call(fim_server, "POST", "/v1/completions", {**body, "speculative": "no"})
+    assert status == 400 and reply["error"]["param"] == "speculative", reply
+
+
 async def test_many_stop_strings_are_accepted(fim_server):
     stops = [f"never{i}" for i in range(40)]
     status, reply = await call(fim_server, "POST", "/v1/completions", {"prompt": "a", "stop": stops, "max_tokens": 3})

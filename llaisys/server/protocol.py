@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI API, checked field by field and turned into engine terms.
 
 Every problem raises APIError 400 naming the field (404 for an unknown model), and so does a field
-this server does not know: nothing a client sends is silently ignored. Fields a request leaves open
-take the model's generation-config defaults.
+this server does not know: nothing a client sends is silently ignored, except the bookkeeping fields
+of OpenAI's API that change nothing in a reply (NO_EFFECT_FIELDS, which SDKs and agent frameworks
+send). Fields a request leaves open take the model's generation-config defaults.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ from .tools import ToolSpec, message_tool_calls, parse_tools
 # Far above what clients send (Continue sends 14 stop strings of its own): only a guard on the search.
 MAX_STOP_STRINGS = 256
 
-# Fields of both /v1/chat/completions and /v1/completions (vLLM's sampling extensions among them).
-COMMON_FIELDS = {"model", "stream", "stream_options", "user", "n", "max_tokens", "min_tokens", "temperature", "top_p",
-                 "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "logit_bias"}
+# OpenAI's fields that only label or bill a request: accepted, and without effect here.
+NO_EFFECT_FIELDS = {"user", "store", "metadata", "service_tier"}
+# Fields of both /v1/chat/completions and /v1/completions (vLLM's sampling extensions among them;
+# `speculative`: false opts a request out of speculative decoding).
+COMMON_FIELDS = NO_EFFECT_FIELDS | {
+    "model", "stream", "stream_options", "n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
+    "seed", "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logit_bias", "speculative"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
                                "parallel_tool_calls", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "suffix", "echo", "best_of", "logprobs"}
@@ -210,7 +215,8 @@ def _generation(prompts: list[dict[str, Any]], body: dict[str, Any], defaults: d
         presence_penalty=field(body, "presence_penalty", float, 0.0),
         frequency_penalty=field(body, "frequency_penalty", float, 0.0),
         repetition_penalty=field(body, "repetition_penalty", float, defaults.get("repetition_penalty", 1.0)),
-        logprobs=top_logprobs, logit_bias=_logit_bias(body), grammar=grammar)
+        logprobs=top_logprobs, logit_bias=_logit_bias(body), grammar=grammar,
+        speculative=field(body, "speculative", bool, True))
     params = sampling_params(values, {"logprobs": "top_logprobs"} if "messages" in body else {})
     return GenerationRequest(prompts, params, stream, include_usage, top_logprobs)
 
