@@ -237,10 +237,25 @@ class Model:
         handle = lib.llaisysModelCreate(model_type.encode(), params.to_c())
         if handle == ffi.NULL:
             raise InvalidArgumentError(f"cannot create a {model_type!r} model: {last_error()}", lib.LLAISYS_INVALID)
+        self._own(handle, model_type)
+
+    def _own(self, handle, model_type: str) -> None:
         self._handle = ffi.gc(handle, lib.llaisysModelDestroy)
         self.model_type = model_type
         self.params = ModelParams.from_c(lib.llaisysModelGetParams(handle))
         self._abort_handle = None
+
+    def share(self, **runtime) -> "Model":
+        """A new model over these weights (never copied; read-only while shared) with its own KV
+        cache, scratch and logits; runtime overrides n_ctx, n_seq_max, n_batch, n_threads, kv_dtype."""
+        params = dataclasses.replace(self.params, **runtime)
+        handle = lib.llaisysModelCreateShared(self.handle, params.to_c())
+        if handle == ffi.NULL:
+            raise InvalidArgumentError(f"cannot share this {self.model_type!r} model's weights: {last_error()}",
+                                       lib.LLAISYS_INVALID)
+        model = Model.__new__(Model)
+        model._own(handle, self.model_type)
+        return model
 
     def close(self) -> None:
         """Free the model now instead of at garbage collection."""

@@ -25,4 +25,4 @@ export UBSAN_OPTIONS=print_stacktrace=1,halt_on_error=1
 exec python scripts/pytest_with_package.py "$pkg" -q -p no:cacheprovider --capture=sys \
   tests/test_core_model_api.py tests/test_core_decode_batch.py tests/test_core_output_api.py \
   tests/test_kv_cache.py tests/test_core_parity.py tests/test_qwen2_adapter.py tests/test_offline.py \
-  tests/test_quant_kernels.py -k "not test_real_" "$@"
+  tests/test_quant_kernels.py tests/test_core_shared_weights.py -k "not test_real_" "$@"

@@ -138,7 +138,21 @@ LLAISYS_API llaisys_model_params llaisysModelDefaultParams(void);
  */
 LLAISYS_API llaisys_model *llaisysModelCreate(const char *type, const llaisys_model_params *params);
 
-/* Free the model, its weights and its KV cache. NULL is a no-op. */
+/*
+ * Create a model that uses source's weights, never copying them, with its own KV
+ * cache, scratch buffers, logits and abort callback (llama.cpp's llama_context
+ * over one llama_model): several contexts of one set of weights, e.g. replicas
+ * or per-tenant caches in one process. params sets the new model's runtime
+ * fields (n_ctx, n_seq_max, n_batch, n_threads, kv_dtype); its other fields must
+ * equal source's. NULL params = source's own. While two or more models share
+ * the weights they are read-only: ReplaceWeight fails on each of them. The
+ * weights are freed with the last model that uses them, destroyed in any
+ * order; models sharing weights may decode at the same time on different
+ * threads. Returns NULL on bad arguments (see llaisysGetLastError).
+ */
+LLAISYS_API llaisys_model *llaisysModelCreateShared(const llaisys_model *source, const llaisys_model_params *params);
+
+/* Free the model, its KV cache, and its weights unless another model still shares them. NULL is a no-op. */
 LLAISYS_API void llaisysModelDestroy(llaisys_model *model);
 
 /* The parameters the model was created with (n_threads resolved to the real count). */
@@ -164,8 +178,8 @@ LLAISYS_API int32_t llaisysModelWeightIsSet(const llaisys_model *model, const ch
  * blocks each. Writing a slot again frees the old copy. Returns 0, or -1 when
  * the name is unknown, the dtype is not a llaisys_dtype, a float dtype is not
  * the model's weight_dtype, a block type is given for a slot that is not a
- * matrix, the row length is not a whole number of blocks, or the shape does
- * not match the slot.
+ * matrix, the row length is not a whole number of blocks, the shape does not
+ * match the slot, or the weights are shared (llaisysModelCreateShared).
  */
 LLAISYS_API int32_t llaisysModelReplaceWeight(llaisys_model *model, const char *name, int32_t dtype,
                                               const int64_t *shape, int32_t ndim, const void *data);

@@ -81,6 +81,26 @@ void check_params(const llaisys_model_params &p) {
     if (p.n_threads < 0) throw InvalidArgument("n_threads must be >= 0, got " + std::to_string(p.n_threads));
 }
 
+// A model sharing weights must read them as their owner does: every field but the runtime ones equal.
+void check_same_architecture(const llaisys_model_params &a, const llaisys_model_params &b) {
+    const auto same = [](const char *field, double x, double y) {
+        if (x != y)
+            throw InvalidArgument(std::string("a model sharing weights needs the source's ") + field + " (" +
+                                  std::to_string(x) + "), got " + std::to_string(y));
+    };
+    same("n_vocab", a.n_vocab, b.n_vocab);
+    same("n_embd", a.n_embd, b.n_embd);
+    same("n_layer", a.n_layer, b.n_layer);
+    same("n_head", a.n_head, b.n_head);
+    same("n_head_kv", a.n_head_kv, b.n_head_kv);
+    same("head_dim", a.head_dim, b.head_dim);
+    same("n_ff", a.n_ff, b.n_ff);
+    same("rms_norm_eps", a.rms_norm_eps, b.rms_norm_eps);
+    same("rope_theta", a.rope_theta, b.rope_theta);
+    same("tie_embeddings", a.tie_embeddings, b.tie_embeddings);
+    same("weight_dtype", a.weight_dtype, b.weight_dtype);
+}
+
 // The named slot, or NULL with the last error set.
 const WeightSlot *find_slot(const llaisys_model *model, const char *name) {
     if (!check_model(model)) return nullptr;
@@ -146,12 +166,34 @@ llaisys_model *llaisysModelCreate(const char *type, const llaisys_model_params *
         const ModelType *types = model_types(count);
         for (int32_t i = 0; i < count; ++i)
             if (std::string(types[i].name) == type) {
-                model = types[i].create(p);
+                model = types[i].create(p, nullptr);
+                model->type = types[i].name;
                 return LLAISYS_OK;
             }
         std::string known;
         for (int32_t i = 0; i < count; ++i) known += std::string(i ? ", " : "") + types[i].name;
         throw InvalidArgument(std::string("unknown model type '") + type + "' (known: " + known + ")");
+    });
+    return model;
+}
+
+llaisys_model *llaisysModelCreateShared(const llaisys_model *source, const llaisys_model_params *params) {
+    llaisys_model *model = nullptr;
+    guarded([&]() -> int32_t {
+        if (!source) throw InvalidArgument("source model is NULL");
+        llaisys_model_params p = params ? *params : source->params;
+        check_params(p);
+        if (p.n_threads == 0) p.n_threads = default_threads();
+        check_same_architecture(source->params, p);
+        int32_t count;
+        const ModelType *types = model_types(count);
+        for (int32_t i = 0; i < count; ++i)
+            if (types[i].name == source->type) {
+                model = types[i].create(p, source->weights);
+                model->type = types[i].name;
+                return LLAISYS_OK;
+            }
+        throw std::logic_error("the source model has no registered type");
     });
     return model;
 }

@@ -14,7 +14,8 @@ namespace {
 
 class MockModel final : public Model {
   public:
-    explicit MockModel(const llaisys_model_params &p) : Model(p), cell_token_(size_t(p.n_ctx), 0) {
+    MockModel(const llaisys_model_params &p, std::shared_ptr<WeightStore> shared)
+        : Model(p, std::move(shared)), cell_token_(size_t(p.n_ctx), 0) {
         add_slot("logit_bias", {p.n_vocab});
     }
 
@@ -49,9 +50,9 @@ class MockModel final : public Model {
 
 } // namespace
 
-Model *create_mock(const llaisys_model_params &params) {
+Model *create_mock(const llaisys_model_params &params, std::shared_ptr<WeightStore> shared) {
     if (params.n_vocab <= 0) throw InvalidArgument("mock model needs n_vocab > 0");
-    return new MockModel(params);
+    return new MockModel(params, std::move(shared));
 }
 
 } // namespace llaisys

@@ -15,10 +15,18 @@ static std::string shape_str(const int64_t *shape, size_t ndim) {
 
 using namespace llaisys;
 
-llaisys_model::llaisys_model(const llaisys_model_params &p) : params(p), cells(p.n_ctx, p.n_seq_max) {}
+llaisys_model::llaisys_model(const llaisys_model_params &p, std::shared_ptr<WeightStore> shared)
+    : params(p), weights(shared ? std::move(shared) : std::make_shared<WeightStore>()), slots(weights->slots),
+      cells(p.n_ctx, p.n_seq_max), adopted_(weights_shared()) {}
 
 void llaisys_model::add_slot(const std::string &name, std::vector<int64_t> shape) {
-    slot_index_[name] = slots.size();
+    if (adopted_) {
+        // Same type and architecture as the source, so the same slots in the same order.
+        const WeightSlot *slot = find_slot(name);
+        if (!slot || slot->shape != shape) throw std::logic_error("shared weights lack slot '" + name + "'");
+        return;
+    }
+    weights->index[name] = slots.size();
     WeightSlot slot;
     slot.name = name;
     slot.shape = std::move(shape);
@@ -27,14 +35,16 @@ void llaisys_model::add_slot(const std::string &name, std::vector<int64_t> shape
 }
 
 WeightSlot *llaisys_model::find_slot(const std::string &name) {
-    auto it = slot_index_.find(name);
-    return it == slot_index_.end() ? nullptr : &slots[it->second];
+    auto it = weights->index.find(name);
+    return it == weights->index.end() ? nullptr : &slots[it->second];
 }
 
 void llaisys_model::replace_weight(const std::string &name, int32_t dtype, const int64_t *shape, int32_t ndim,
                                    const void *data) {
     WeightSlot *slot = find_slot(name);
     if (!slot) throw InvalidArgument("unknown weight '" + name + "'");
+    if (weights_shared())
+        throw InvalidArgument("weight '" + name + "' is shared with another model (llaisysModelCreateShared), so read-only");
     const TypeTraits *traits = type_traits(dtype);
     if (!traits) throw InvalidArgument("weight '" + name + "' has dtype " + std::to_string(dtype) + ", not a llaisys_dtype");
     const bool matrix = slot->shape.size() == 2;

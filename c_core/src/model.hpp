@@ -2,6 +2,7 @@
 // A model type (qwen2, mock) derives from it and implements forward() and the KV tensor ops.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -42,15 +43,28 @@ struct DecodeInput {
     std::vector<int32_t> out_rows; // batch indices that produce logits, in batch order
 };
 
+// A model's weight slots (llama.cpp's llama_model), owned jointly by every model created to share
+// them (llaisysModelCreateShared): read-only while shared, freed with the last of those models.
+struct WeightStore {
+    std::vector<WeightSlot> slots;
+    std::unordered_map<std::string, size_t> index;
+};
+
 } // namespace llaisys
 
+// The per-model state beside the weights (llama.cpp's llama_context): KV cells, scratch, logits.
 struct llaisys_model : llaisys::KvTensorOps {
-    explicit llaisys_model(const llaisys_model_params &params);
+    // shared: another model's weights to use (NULL: fresh, unwritten slots).
+    llaisys_model(const llaisys_model_params &params, std::shared_ptr<llaisys::WeightStore> shared);
     ~llaisys_model() override = default;
 
     llaisys_model_params params;
-    std::vector<llaisys::WeightSlot> slots;
+    const char *type = ""; // the registered type name, set by llaisysModelCreate
+    const std::shared_ptr<llaisys::WeightStore> weights;
+    std::vector<llaisys::WeightSlot> &slots; // weights->slots
     llaisys::KvCells cells;
+
+    bool weights_shared() const { return weights.use_count() > 1; }
 
     llaisys::WeightSlot *find_slot(const std::string &name);
     void replace_weight(const std::string &name, int32_t dtype, const int64_t *shape, int32_t ndim, const void *data);
@@ -80,7 +94,7 @@ struct llaisys_model : llaisys::KvTensorOps {
   private:
     int32_t validate(const llaisys_batch &batch, llaisys::DecodeInput &in);
     std::vector<float> next_logits_; // the buffer the next decode writes its logits into
-    std::unordered_map<std::string, size_t> slot_index_;
+    bool adopted_;                   // the slots came from another model: add_slot only checks them
 };
 
 namespace llaisys {

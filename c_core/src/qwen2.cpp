@@ -25,7 +25,7 @@ struct RunState {
 
 class Qwen2Model final : public Model {
   public:
-    explicit Qwen2Model(const llaisys_model_params &p) : Model(p) {
+    Qwen2Model(const llaisys_model_params &p, std::shared_ptr<WeightStore> shared) : Model(p, std::move(shared)) {
         const int64_t d = p.n_embd, qd = int64_t(p.n_head) * p.head_dim, kvd = int64_t(p.n_head_kv) * p.head_dim;
         add_slot("token_embd", {p.n_vocab, d});
         for (int32_t l = 0; l < p.n_layer; ++l) {
@@ -214,7 +214,7 @@ int32_t Qwen2Model::forward(const DecodeInput &in, float *out) {
 
 } // namespace
 
-Model *create_qwen2(const llaisys_model_params &p) {
+Model *create_qwen2(const llaisys_model_params &p, std::shared_ptr<WeightStore> shared) {
     auto need_positive = [](int32_t value, const char *field) {
         if (value <= 0) throw InvalidArgument(std::string("qwen2 needs ") + field + " > 0, got " + std::to_string(value));
     };
@@ -233,7 +233,7 @@ Model *create_qwen2(const llaisys_model_params &p) {
         throw InvalidArgument("qwen2 needs head_dim 16, 32, 64, 128 or 256, got " + std::to_string(p.head_dim));
     if (!(p.rope_theta > 0.0f)) throw InvalidArgument("qwen2 needs rope_theta > 0");
     if (!(p.rms_norm_eps > 0.0f)) throw InvalidArgument("qwen2 needs rms_norm_eps > 0");
-    return new Qwen2Model(p);
+    return new Qwen2Model(p, std::move(shared));
 }
 
 } // namespace llaisys
