@@ -100,6 +100,13 @@ inline float hsum(v16f v) {
     __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+#elif defined(__AVX2__)
+    __m256 half[2];
+    std::memcpy(half, &v, sizeof half);
+    const __m256 h8 = _mm256_add_ps(half[0], half[1]);
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 #else
     float t[kLanes];
     std::memcpy(t, &v, sizeof t);
@@ -129,6 +136,30 @@ inline v16f hsum16(const v16f *v) {
     // z holds vector j's sum at 4 * (j % 4) + j / 4.
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     return v16f(_mm512_permutexvar_ps(order, z));
+#elif defined(__AVX2__)
+    // The same steps on 8-lane halves: 8 vectors' sums per result register.
+    __m256 z[2];
+    for (int r = 0; r < 2; ++r) {
+        __m256 f[8], u[4], x[2];
+        for (int j = 0; j < 8; ++j) { // lanes i and i + 8
+            __m256 half[2];
+            std::memcpy(half, &v[8 * r + j], sizeof half);
+            f[j] = _mm256_add_ps(half[0], half[1]);
+        }
+        for (int i = 0; i < 4; ++i) // lanes i and i + 4: one vector per 128-bit lane
+            u[i] = _mm256_add_ps(_mm256_permute2f128_ps(f[2 * i], f[2 * i + 1], 0x20),
+                                 _mm256_permute2f128_ps(f[2 * i], f[2 * i + 1], 0x31));
+        for (int i = 0; i < 2; ++i) { // lanes i and i + 2
+            const __m256d a = _mm256_castps_pd(u[2 * i]), b = _mm256_castps_pd(u[2 * i + 1]);
+            x[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+        }
+        const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD));
+        // sums holds vector j's sum at 4 * (j % 2) + j / 2.
+        z[r] = _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
+    v16f out;
+    std::memcpy(&out, z, sizeof out);
+    return out;
 #else
     float t[kLanes];
     for (int j = 0; j < kLanes; ++j) t[j] = hsum(v[j]);
@@ -479,11 +510,7 @@ inline vqi dot4(vqi acc, const int8_t *w, int32_t x4) {
 inline vqi dot4u(vqi acc, vqu q, int32_t x4) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     return vqi(_mm512_dpbusd_epi32(__m512i(acc), __m512i(q), _mm512_set1_epi32(x4)));
-#elif defined(__AVX2__)
-    // A pair of products fits int16: 63 * 127 * 2 < 32768.
-    const __m256i pairs = _mm256_maddubs_epi16(__m256i(q), _mm256_set1_epi32(x4));
-    return acc + vqi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#else
+#else // portable; AVX2 adds pair sums instead (pair_sums)
     uint8_t w[4 * kQLanes];
     int8_t x[4];
     std::memcpy(w, &q, sizeof w);
@@ -492,6 +519,24 @@ inline vqi dot4u(vqi acc, vqu q, int32_t x4) {
         acc[l] += w[4 * l] * x[0] + w[4 * l + 1] * x[1] + w[4 * l + 2] * x[2] + w[4 * l + 3] * x[3];
     return acc;
 #endif
+}
+
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// AVX2 has no byte dot product into int32 lanes: the int16 pair sums vpmaddubsw gives for unsigned
+// q are added up for as many steps as int16 holds exactly, then widened once (vpmaddwd), not per step.
+constexpr bool kPairSums = true;
+typedef int16_t vq16 __attribute__((vector_size(32)));
+inline vq16 pair_sums(vqu q, int32_t x4) { return vq16(_mm256_maddubs_epi16(__m256i(q), _mm256_set1_epi32(x4))); }
+inline vqi widen_pairs(vq16 sums) { return vqi(_mm256_madd_epi16(__m256i(sums), _mm256_set1_epi16(1))); }
+#else
+constexpr bool kPairSums = false;
+typedef int16_t vq16 __attribute__((vector_size(2 * kQLanes)));
+inline vq16 pair_sums(vqu, int32_t) { return vq16{}; }
+inline vqi widen_pairs(vq16) { return vqi{}; }
+#endif
+// Steps of unsigned kBits-bit q whose pair sums (each at most 2 * (2^kBits - 1) * 128) int16 holds.
+template <int kBits> constexpr int pair_run(int steps) {
+    return std::min(steps, 32767 / (2 * ((1 << kBits) - 1) * 128));
 }
 
 // Step s (4 columns) of lanes [h * kQLanes, (h + 1) * kQLanes) of a 4- to 6-bit group (quant.hpp):
@@ -546,6 +591,10 @@ void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t 
             x_sum[i] = G == 32 ? sums[0] + sums[1] : sums[0];
             for (int h = 0; h < kQHalves; ++h) dots[i][h] = vqi{} - offset * x_sum[i];
         }
+        constexpr bool kPaired = kPairSums && kBits < 8;
+        constexpr int run = pair_run<kBits < 8 ? kBits : 4>(G / 4);
+        static_assert((G / 4) % run == 0, "pair-sum runs must tile the group's steps");
+        vq16 paired[MR][kQHalves] = {};
 #pragma GCC unroll 8
         for (int s = 0; s < G / 4; ++s) {
             vqu q[kQHalves];
@@ -559,10 +608,19 @@ void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t 
                     if constexpr (kBits == 8)
                         dots[i][h] = dot4(dots[i][h], reinterpret_cast<const int8_t *>(group) +
                                                           (s * kQuantPanel + h * kQLanes) * 4, x4);
+                    else if constexpr (kPaired)
+                        paired[i][h] += pair_sums(q[h], x4);
                     else
                         dots[i][h] = dot4u(dots[i][h], q[h], x4);
                 }
             }
+            if constexpr (kPaired)
+                if ((s + 1) % run == 0)
+                    for (int i = 0; i < MR; ++i)
+                        for (int h = 0; h < kQHalves; ++h) {
+                            dots[i][h] += widen_pairs(paired[i][h]);
+                            paired[i][h] = vq16{};
+                        }
         }
         const int32_t block = g * G / 32;
         for (int i = 0; i < MR; ++i) {
@@ -933,7 +991,12 @@ static void attention_t(const float *q, int32_t n_q, const int32_t *cells, int32
     }
     // Heads in blocks: each value is loaded once per block, and the block's independent sums keep
     // the FMA units busy instead of waiting on one chain of additions.
+    // A block's sums take HB * NV vectors: half the registers (32 of 16 lanes with AVX-512, 8 otherwise).
+#if defined(__AVX512F__)
     constexpr int HB = NV >= 16 ? 1 : (16 / NV < 4 ? 16 / NV : 4);
+#else
+    constexpr int HB = NV >= 4 ? 1 : 4 / NV;
+#endif
     int32_t h = 0;
     for (; h + HB <= n_q; h += HB) weighted_values<L, NV, HB>(cells, n_cells, v, cell_stride, scores, h, out);
     for (; h < n_q; ++h) weighted_values<L, NV, 1>(cells, n_cells, v, cell_stride, scores, h, out);
