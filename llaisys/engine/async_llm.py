@@ -259,6 +259,18 @@ class RequestStream:
         self._accumulator.add(delta)
         return delta
 
+    def take_ready(self) -> list[RequestOutput]:
+        """The increments already delivered, without waiting: for a caller that forwards them in
+        batches over a slower hop (a replica to its ingress)."""
+        ready = []
+        while True:
+            try:
+                delta = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return ready
+            self._accumulator.add(delta)
+            ready.append(delta)
+
     async def aclose(self) -> None:
         self._owner._abort_unless_done(self)
         self._receive.close()

@@ -6,9 +6,9 @@ import gc
 from pathlib import Path
 
 from .base import ModelAdapter, ModelLoadError, RuntimeOptions, read_config
-from .gguf_model import is_gguf, load_gguf
+from .gguf_model import gguf_text_adapter, is_gguf, load_gguf
 from .mock import MockAdapter
-from .qwen2 import Qwen2Adapter
+from .qwen2 import Qwen2Adapter, load_tokenizer
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -39,5 +39,18 @@ def load_model(path: str | Path, options: RuntimeOptions | None = None) -> Model
     return adapter
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModelLoadError", "RuntimeOptions", "is_gguf", "load_gguf", "load_model",
-           "register"]
+def load_text_adapter(path: str | Path) -> ModelAdapter:
+    """A model's tokenizer and chat template without its weights (the adapter's model is None)."""
+    if is_gguf(path):
+        return gguf_text_adapter(path)
+    config = read_config(Path(path))
+    model_type = config.get("model_type")
+    if model_type == Qwen2Adapter.model_type:
+        return Qwen2Adapter(Path(path), config, None, load_tokenizer(Path(path)))
+    if model_type == MockAdapter.model_type:
+        return MockAdapter(Path(path), config, None)
+    raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported (known: {sorted(ADAPTERS)})")
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelLoadError", "RuntimeOptions", "gguf_text_adapter", "is_gguf", "load_gguf",
+           "load_model", "load_text_adapter", "register"]

@@ -98,6 +98,18 @@ def _model_files(gguf_path: Path, meta: dict[str, Any], vocab_size: int, tied: b
     return target
 
 
+def gguf_text_adapter(path: str | Path) -> Qwen2Adapter:
+    """The GGUF's tokenizer and chat template without its weights (model is None): for a process
+    that formats and tokenizes prompts for replicas that hold the model."""
+    try:
+        reader, meta = read_qwen2_gguf(Path(path))
+    except GGUFConversionError as e:
+        raise ModelLoadError(str(e)) from e
+    embedding, tied = _embedding_tensor({t.name: t for t in reader.tensors})
+    files = _model_files(Path(path), meta, int(embedding.shape[1]), tied)
+    return Qwen2Adapter(files, read_config(files), None, load_tokenizer(files))
+
+
 def load_gguf(path: str | Path, options: RuntimeOptions | None = None) -> Qwen2Adapter:
     """A Qwen2 adapter over the GGUF at path, its block tensors kept as blocks (see the module doc)."""
     path = Path(path)

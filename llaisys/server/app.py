@@ -52,10 +52,14 @@ def webui_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "webui"
 
 
-def create_app(config: Optional[ServerConfig] = None) -> Quart:
-    """The server app; config defaults to ServerConfig.from_env(). The model loads when serving starts."""
+def create_app(config: Optional[ServerConfig] = None, service: Optional[ModelService] = None) -> Quart:
+    """The server app; config defaults to ServerConfig.from_env(). The model loads when serving starts.
+
+    service: what runs the engine, default a ModelService of config; Ray Serve's ingress passes one
+    whose engine forwards to replicas (llaisys.server.replicas).
+    """
     config = config or ServerConfig.from_env()
-    service = ModelService(config)
+    service = service or ModelService(config)
     metrics = ServerMetrics(service.model_name, lambda: service.engine.stats() if service.engine else None)
     static = webui_dir()
     cors = Cors(config.cors_origin_list)
@@ -65,6 +69,7 @@ def create_app(config: Optional[ServerConfig] = None) -> Quart:
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run for minutes
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # no Expires: the page's files are revalidated by ETag
     app.extensions["llaisys"] = service  # for a host that ends requests before its connections (llaisys serve)
+    app.extensions["llaisys_metrics"] = metrics  # for a host that adds collectors (the replicas' ingress)
 
     @app.before_serving
     async def start_model() -> None:
