@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workloads", default="code edit,open chat", help="comma-separated")
     parser.add_argument("--batches", default="1,8", help="comma-separated")
+    parser.add_argument("--no-ngram", action="store_true", help="leave the n-gram mode out")
     parser.add_argument("--no-adaptive", action="store_true", help="always draft all k (speculative_adaptive off)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -88,7 +89,7 @@ def main() -> None:
 
     common = dict(model=args.model, max_num_seqs=8, n_ctx=8192, n_threads=args.threads, enable_prefix_caching=False)
     spec = dict(num_speculative_tokens=args.k, speculative_adaptive=not args.no_adaptive)
-    modes = {"off": {}, "n-gram": dict(speculative="ngram", **spec)}
+    modes = {"off": {}} if args.no_ngram else {"off": {}, "n-gram": dict(speculative="ngram", **spec)}
     if args.draft_model:
         modes["draft model"] = dict(speculative="draft", draft_model=args.draft_model, **spec)
     engines = {mode: LLMEngine.from_engine_args(EngineArgs(**common, **extra)) for mode, extra in modes.items()}
