@@ -312,6 +312,19 @@ def test_the_draft_model_stops_below_p_min(mock_dir):
     assert engine.stats().spec_decode.num_drafts == 0  # the mock is never that sure
 
 
+def test_adaptive_drafting_stops_running_a_draft_model_that_proposes_nothing(mock_dir, monkeypatch):
+    engine = draft_engine(mock_dir, mock_dir, num_speculative_tokens=4, speculative_p_min=0.5,
+                          speculative_adaptive=True)
+    monkeypatch.setattr(engine.speculator.cost, "observe", lambda rows, seconds: None)  # no timing noise
+    engine.speculator.overall.accepted = 9.0  # it starts out sure of the draft model
+    runs = []
+    drafts = engine.drafter._drafts
+    monkeypatch.setattr(engine.drafter, "_drafts", lambda chunks: runs.append(len(chunks)) or drafts(chunks))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    run_checked(engine)
+    assert 0 < len(runs) < 15  # it probes now and then, not at each of the 59 decode steps
+
+
 @pytest.mark.parametrize("end", range(1, 16))
 def test_draft_model_stops_and_max_tokens_inside_an_accepted_run(mock_dir, end):
     prompt = workload(7, 2)[0]

@@ -61,7 +61,7 @@ class DraftModel:
         start = time.perf_counter()
         wanting = [ch for ch in chunks if ch.max_draft]
         drafts = dict(zip(map(id, wanting), self._drafts(wanting))) if wanting else {}
-        filled = [dataclasses.replace(ch, draft=drafts[id(ch)], max_draft=0) if ch.max_draft else ch for ch in chunks]
+        filled = [dataclasses.replace(ch, draft=drafts[id(ch)]) if ch.max_draft else ch for ch in chunks]
         return filled, time.perf_counter() - start
 
     def _drafts(self, chunks: list[Chunk]) -> list[tuple[int, ...]]:

@@ -221,6 +221,8 @@ class Scheduler:
         for ch in result.computed:
             if ch.draft:
                 self._settle_verify(ch, result.accepted.get(ch.completion, 0))
+            elif ch.max_draft:
+                self.speculator.missed(ch.completion)
         for request in touched:
             if request.state is not RequestState.RUNNING:
                 continue

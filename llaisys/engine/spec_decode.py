@@ -85,7 +85,9 @@ class Speculator:
         self.k, self.adaptive, self.ngram, self.draft_cost = k, adaptive, ngram, draft_cost
         self.counters = SpecCounters()
         self.cost = StepCost()
-        self.overall = _Acceptance(1.0, 1.0)  # engine-wide, starting from an even prior
+        # Engine-wide, from an even prior; a draft model of the target's family agrees far more often
+        # than not (3:1, p_min's confidence), and from an even prior would never start drafting.
+        self.overall = _Acceptance(1.0, 1.0) if draft_cost is None else _Acceptance(3.0, 1.0)
         self._completions: weakref.WeakKeyDictionary[Completion, _Acceptance] = weakref.WeakKeyDictionary()
 
     def draft(self, c: Completion, limit: int, batch: int) -> tuple[tuple[int, ...], int]:
@@ -135,7 +137,14 @@ class Speculator:
         """A verify of c's `drafted` tokens accepted the first `accepted`."""
         self.counters.add(drafted, accepted)
         c.request.metrics.spec.add(drafted, accepted)
-        rejected = 1 if accepted < drafted else 0  # positions after the first rejection were never tried
+        self._learn(c, accepted, 1 if accepted < drafted else 0)  # positions after a rejection were never tried
+
+    def missed(self, c: Completion) -> None:
+        """The draft model, given room, proposed nothing (below p_min): its step bought no token, which
+        the worth must see as a rejected first draft."""
+        self._learn(c, 0, 1)
+
+    def _learn(self, c: Completion, accepted: int, rejected: int) -> None:
         state = self._state(c)
         state.accepted = _MEMORY * state.accepted + accepted
         state.rejected = _MEMORY * state.rejected + rejected
