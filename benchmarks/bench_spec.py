@@ -1,14 +1,17 @@
-"""Speculative decoding: n-gram prompt lookup against no speculation, in one run, greedy.
+"""Speculative decoding: n-gram prompt lookup and a draft model against no speculation, in one run, greedy.
 
 Two workloads, each at batch 1 (requests one at a time) and batch 8 (eight submitted at once):
 (a) code edits: the prompt holds a function from this repository to rewrite with a small change,
     so the reply mostly copies it; (b) open chat: questions whose answers repeat nothing.
-For each it prints generated tokens/s with speculation off and on (prefill included) and their
-ratio, the ratio of decode time alone (first to last token), the acceptance rate, the mean accepted
-length (tokens per verify) and verifies per generated token, and checks that the outputs are identical.
-The modes alternate per case on two engines in one process (the machine is shared and noisy).
+With --draft-model (case (c): the 1.5B target, --model, with the 0.5B default drafting) a draft-model
+column joins the n-gram one. For each mode it prints generated tokens/s (prefill included) and its
+ratio to off, the ratio of decode time alone (first to last token), the acceptance rate, the mean
+accepted length (tokens per verify) and verifies per generated token, and checks that the outputs are
+identical. The modes alternate per case on one engine each in one process (the machine is shared and noisy).
 
-    python benchmarks/bench_spec.py [--model PATH] [--k 4] [--requests 8] [--max-tokens 160]
+    python benchmarks/bench_spec.py [--model PATH] [--draft-model PATH] [--k 4] [--requests 8] [--max-tokens 160]
+    python benchmarks/bench_spec.py --model ~/.cache/llaisys/qwen2.5-coder-1.5b-instruct.gguf \
+        --draft-model ~/.cache/llaisys/qwen2.5-coder-0.5b-instruct.gguf          # case (c)
 """
 from __future__ import annotations
 
@@ -71,37 +74,48 @@ def run(engine, texts: list[str], batch: int, max_tokens: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(Path.home() / ".cache/llaisys/qwen2.5-coder-0.5b-instruct.gguf"))
+    parser.add_argument("--draft-model", default=None, help="add the draft-model mode with this draft")
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--requests", type=int, default=8, help="prompts per workload")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--workloads", default="code edit,open chat", help="comma-separated")
+    parser.add_argument("--batches", default="1,8", help="comma-separated")
+    parser.add_argument("--no-ngram", action="store_true", help="leave the n-gram mode out")
+    parser.add_argument("--no-adaptive", action="store_true", help="always draft all k (speculative_adaptive off)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from llaisys.engine import EngineArgs, LLMEngine
 
     common = dict(model=args.model, max_num_seqs=8, n_ctx=8192, n_threads=args.threads, enable_prefix_caching=False)
-    engines = {"off": LLMEngine.from_engine_args(EngineArgs(**common)),
-               "ngram": LLMEngine.from_engine_args(EngineArgs(**common, speculative="ngram",
-                                                              num_speculative_tokens=args.k))}
-    print(f"model {args.model}, k = {args.k}, {args.requests} prompts per workload, max_tokens {args.max_tokens}")
-    print("| workload | batch | off tok/s | n-gram tok/s | ratio | decode-only ratio | acceptance "
-          "| mean accepted length | verifies per token |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for kind in ("code edit", "open chat"):
+    spec = dict(num_speculative_tokens=args.k, speculative_adaptive=not args.no_adaptive)
+    modes = {"off": {}} if args.no_ngram else {"off": {}, "n-gram": dict(speculative="ngram", **spec)}
+    if args.draft_model:
+        modes["draft model"] = dict(speculative="draft", draft_model=args.draft_model, **spec)
+    engines = {mode: LLMEngine.from_engine_args(EngineArgs(**common, **extra)) for mode, extra in modes.items()}
+    print(f"model {args.model}, draft {args.draft_model}, k = {args.k}, adaptive {not args.no_adaptive}, "
+          f"{args.requests} prompts per workload, max_tokens {args.max_tokens}")
+    print("| workload | batch | mode | tok/s | ratio | decode-only ratio | acceptance | mean accepted length "
+          "| verifies per token |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for kind in args.workloads.split(","):
         texts = prompts(engines["off"], kind, args.requests)
-        for batch in (1, 8):
-            before = engines["ngram"].stats().spec_decode
+        for batch in map(int, args.batches.split(",")):
             off_s, off_n, off_d, off_out = run(engines["off"], texts, batch, args.max_tokens)
-            on_s, on_n, on_d, on_out = run(engines["ngram"], texts, batch, args.max_tokens)
-            spec = engines["ngram"].stats().spec_decode
-            drafted = spec.num_draft_tokens - before.num_draft_tokens
-            accepted = spec.num_accepted_tokens - before.num_accepted_tokens
-            verifies = spec.num_drafts - before.num_drafts
-            if on_out != off_out:
-                raise SystemExit(f"{kind}, batch {batch}: the outputs differ with speculation on")
-            print(f"| {kind} | {batch} | {off_n / off_s:.1f} | {on_n / on_s:.1f} | {off_s / on_s:.2f}x "
-                  f"| {off_d / on_d:.2f}x | {accepted / drafted if drafted else 0:.2f} "
-                  f"| {1 + accepted / verifies if verifies else 0:.2f} | {verifies / on_n:.2f} |", flush=True)
+            print(f"| {kind} | {batch} | off | {off_n / off_s:.1f} | | | | | |", flush=True)
+            for mode in list(modes)[1:]:
+                engine = engines[mode]
+                before = engine.stats().spec_decode
+                on_s, on_n, on_d, on_out = run(engine, texts, batch, args.max_tokens)
+                after = engine.stats().spec_decode
+                drafted = after.num_draft_tokens - before.num_draft_tokens
+                accepted = after.num_accepted_tokens - before.num_accepted_tokens
+                verifies = after.num_drafts - before.num_drafts
+                if on_out != off_out:
+                    raise SystemExit(f"{kind}, batch {batch}: the outputs differ with {mode} speculation")
+                print(f"| {kind} | {batch} | {mode} | {on_n / on_s:.1f} | {off_s / on_s:.2f}x "
+                      f"| {off_d / on_d:.2f}x | {accepted / drafted if drafted else 0:.2f} "
+                      f"| {1 + accepted / verifies if verifies else 0:.2f} | {verifies / on_n:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def cmd_generate(args) -> int:
                             top_k=args.top_k, seed=args.seed)  # checked before the model loads
     engine = LLMEngine.from_engine_args(EngineArgs(model=str(resolve_model(args.model)), max_num_seqs=1,
                                                    n_ctx=args.ctx, n_threads=args.threads, kv_dtype=args.kv_dtype,
-                                                   weight_dtype=args.weight_dtype, speculative=args.speculative))
+                                                   weight_dtype=args.weight_dtype, speculative=args.speculative,
+                                                   draft_model=args.draft_model))
     prompt = args.prompt if args.raw else engine.chat_prompt([{"role": "user", "content": args.prompt}])
     request = engine.add_request(prompt, params)
     while engine.has_unfinished_requests():
@@ -69,7 +70,7 @@ def cmd_serve(args) -> int:
         enable_prefix_caching=False if args.no_prefix_caching else None,
         prefix_cache_max_cells=args.prefix_cache_max_cells, speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens, prompt_lookup_min=args.prompt_lookup_min,
-        prompt_lookup_max=args.prompt_lookup_max)
+        prompt_lookup_max=args.prompt_lookup_max, draft_model=args.draft_model)
     from .models import is_gguf
 
     if config.model is not None and not (Path(config.model) / "config.json").is_file() and not is_gguf(config.model):
@@ -138,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight-dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
                      help="convert weights at load (default: keep the checkpoint's, a GGUF's blocks too; f32 = exact "
                           "products; q8_0 = every matrix as 8-bit blocks)")
-    gen.add_argument("--speculative", choices=["off", "ngram"], default="off",
-                     help="draft tokens by prompt lookup and verify them in one batch; the output never changes")
+    gen.add_argument("--speculative", choices=["off", "ngram", "draft"], default="off",
+                     help="draft tokens by prompt lookup (ngram) or a draft model and verify them in one batch; "
+                          "the output never changes")
+    gen.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller model (directory or "
+                                                         ".gguf) with the same tokenizer")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible API and the chat page (flags override LLAISYS_* "
@@ -169,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")
     srv.add_argument("--prefix-cache-max-cells", type=int, default=None,
                      help="cached KV cells kept that no running request uses (default: as many as are free)")
-    srv.add_argument("--speculative", choices=["off", "ngram"], default=None,
+    srv.add_argument("--speculative", choices=["off", "ngram", "draft"], default=None,
                      help="draft tokens and verify them in the decode batch; the output never changes (off)")
+    srv.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller model (directory or "
+                                                         ".gguf) with the same tokenizer")
     srv.add_argument("--num-speculative-tokens", type=int, default=None, help="most drafts per verify, k (4)")
     srv.add_argument("--prompt-lookup-min", type=int, default=None, help="shortest n-gram matched (2)")
     srv.add_argument("--prompt-lookup-max", type=int, default=None, help="longest n-gram matched (5)")

@@ -41,6 +41,7 @@ def check_kv(engine) -> None:
     kv, model = engine.kv, engine.worker.model
     assert kv.used == model.kv_used, "the KV manager and the core disagree on used cells"
     assert sum(len(r.live) for r in engine.scheduler.running) <= engine.args.max_num_seqs
+    check_draft_kv(engine)
     cache = kv.cache
     if cache is None:
         return
@@ -58,6 +59,20 @@ def check_kv(engine) -> None:
     assert len(cache.free_seq_ids) + len(nodes) == engine.args.prefix_cache_seqs
 
 
+def check_draft_kv(engine) -> None:
+    """A draft model holds, for each running completion's slot, a prefix of its tokens, and nothing else."""
+    drafter = getattr(engine, "drafter", None)
+    if drafter is None:
+        return
+    running = {c.seq_id: c for r in engine.scheduler.running for c in r.live if c.seq_id is not None}
+    assert drafter.model.kv_used == sum(len(h) for h in drafter.held.values()), "the draft's cells are not its record"
+    for seq, held in drafter.held.items():
+        if held:
+            assert seq in running, f"the draft holds cells of slot {seq}, which runs nothing"
+            assert held == running[seq].tokens(0, len(held)), "the draft's cells are not a prefix of its completion"
+            assert drafter.model.kv_seq_pos_max(seq) == len(held) - 1
+
+
 def run_checked(engine, max_steps: int = 10_000) -> int:
     """Step to completion, checking the KV accounting against the core at every step."""
     steps = 0
@@ -67,6 +82,7 @@ def run_checked(engine, max_steps: int = 10_000) -> int:
         check_kv(engine)
         assert steps < max_steps, "the engine does not make progress"
     assert held_cells(engine) == 0 == engine.scheduler.kv_used
+    assert getattr(engine, "drafter", None) is None or engine.drafter.kv_used == 0, "the draft model leaks cells"
     return steps
 
 

@@ -260,6 +260,186 @@ def test_random_workloads_with_speculation_keep_every_invariant(mock_dir, seed, 
     run_random_workload(engine, rng, new_prompt, arrivals=30, max_tokens=30, steps=400)
 
 
+# the draft-model drafter
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A mock draft that agrees with the target where the target's choice is even: on an odd choice
+    its bias on even tokens makes it propose the next token instead (about half its drafts are wrong)."""
+    import json
+
+    path = tmp_path_factory.mktemp("draft")
+    bias = [0.3 if v % 2 == 0 else 0.0 for v in range(VOCAB)]
+    (path / "config.json").write_text(json.dumps({"model_type": "mock", "vocab_size": VOCAB, "logit_bias": bias}))
+    return path
+
+
+# The mock's top probability is about 0.22: p_min 0 lets its drafts through.
+def draft_engine(mock_dir, draft, **args):
+    return mock_engine(mock_dir, speculative="draft", draft_model=str(draft),
+                       **{"speculative_p_min": 0.0, "speculative_adaptive": False, **args})
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "batched"])
+@pytest.mark.parametrize("kind", PARAMS)
+def test_draft_model_outputs_identical_with_speculation_off_and_on(mock_dir, draft_dir, kind, together):
+    params = SamplingParams(max_tokens=24, ignore_eos=True, **PARAMS[kind])
+    prompts = workload(4, 10)
+    want = outputs(mock_engine(mock_dir), prompts, params, together)
+    for k in (1, 2, 4, 8):
+        engine = draft_engine(mock_dir, draft_dir, num_speculative_tokens=k)
+        assert outputs(engine, prompts, params, together) == want, k
+        spec = engine.stats().spec_decode
+        assert spec.num_draft_tokens > spec.num_accepted_tokens > 0, k
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted(mock_dir):
+    """Prefill gives one token; each verify then drafts 4, all accepted (5 tokens), twice; the 1 token
+    left is a plain decode: 1 + 3 steps instead of 12."""
+    engine = draft_engine(mock_dir, mock_dir, num_speculative_tokens=4, max_num_batched_tokens=64)
+    prompt = workload(6, 2)[0]
+    request = engine.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert run_checked(engine) == 4
+    assert request.completions[0].output_ids == mock_greedy(prompt, 12, VOCAB, ignore_eos=True)
+    for spec in (engine.stats().spec_decode, request.metrics.spec):
+        assert (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) == (2, 8, 8)
+        assert spec.acceptance_rate == 1.0 and spec.mean_accepted_length == 5.0
+
+
+def test_the_draft_model_stops_below_p_min(mock_dir):
+    engine = draft_engine(mock_dir, mock_dir, num_speculative_tokens=4, speculative_p_min=0.5)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    run_checked(engine)
+    assert engine.stats().spec_decode.num_drafts == 0  # the mock is never that sure
+
+
+def test_adaptive_drafting_stops_running_a_draft_model_that_proposes_nothing(mock_dir, monkeypatch):
+    engine = draft_engine(mock_dir, mock_dir, num_speculative_tokens=4, speculative_p_min=0.5,
+                          speculative_adaptive=True)
+    monkeypatch.setattr(engine.speculator.cost, "observe", lambda rows, seconds: None)  # no timing noise
+    engine.speculator.overall.accepted = 9.0  # it starts out sure of the draft model
+    runs = []
+    drafts = engine.drafter._drafts
+    monkeypatch.setattr(engine.drafter, "_drafts", lambda chunks: runs.append(len(chunks)) or drafts(chunks))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    run_checked(engine)
+    assert 0 < len(runs) < 15  # it probes now and then, not at each of the 59 decode steps
+
+
+@pytest.mark.parametrize("end", range(1, 16))
+def test_draft_model_stops_and_max_tokens_inside_an_accepted_run(mock_dir, end):
+    prompt = workload(7, 2)[0]
+    c = mock_greedy(prompt, 16, VOCAB, ignore_eos=True)
+    cases = [dict(max_tokens=end), dict(max_tokens=16, stop_token_ids=[c[end]])]
+    if c[end] < 128:
+        cases.append(dict(max_tokens=16, stop=[chr(c[end])]))
+    for case in cases:
+        params = SamplingParams(temperature=0.0, ignore_eos=True, **case)
+        want = outputs(mock_engine(mock_dir), [prompt], params, False)
+        engine = draft_engine(mock_dir, mock_dir, num_speculative_tokens=8, max_num_batched_tokens=64)
+        assert outputs(engine, [prompt], params, False) == want, case
+        assert len(want[0][0]) <= end + 1
+        if case["max_tokens"] >= 3:  # else one token is left after the prompt's: nothing to draft
+            assert engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_draft_model_cancellation_mid_verify_frees_every_cell(mock_dir, draft_dir):
+    engine = draft_engine(mock_dir, draft_dir, num_speculative_tokens=8)
+    requests = [engine.add_request(p, SamplingParams(n=2, max_tokens=30, temperature=0.1, seed=1, ignore_eos=True))
+                for p in workload(3, 6)]
+    verify_started(engine)
+    assert engine.drafter.kv_used > 0
+    for r in requests[::2]:
+        engine.abort_request(r.request_id)
+        check_kv(engine)
+    run_checked(engine)  # checks that neither model holds a cell at the end
+    assert all(r.state is RequestState.CANCELLED for r in requests[::2])
+
+
+def test_draft_model_preemption_mid_verify_gives_the_same_outputs(mock_dir, draft_dir):
+    params = SamplingParams(max_tokens=24, temperature=0.1, seed=4, ignore_eos=True)
+    prompts = [copy_prompt(20 + i)[0] for i in range(6)]
+    small = dict(n_ctx=120, max_num_batched_tokens=32)
+    want = outputs(mock_engine(mock_dir, **small), prompts, params, True)
+    engine = draft_engine(mock_dir, draft_dir, num_speculative_tokens=8, **small)
+    assert outputs(engine, prompts, params, True) == want
+    assert engine.stats().num_preemptions > 0 and engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_a_failing_draft_model_only_costs_its_drafts(mock_dir, draft_dir, monkeypatch):
+    from llaisys.core import KVCacheFullError
+
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = workload(8, 4)
+    want = outputs(mock_engine(mock_dir), prompts, params, True)
+    engine = draft_engine(mock_dir, draft_dir, num_speculative_tokens=4)
+    decode = engine.drafter.model.decode
+    calls = iter(range(10**6))
+
+    def flaky(batch):
+        if next(calls) % 7 == 6:  # out of step with the 4 draft batches of a step
+            raise KVCacheFullError("no room in the draft")
+        return decode(batch)
+
+    monkeypatch.setattr(engine.drafter.model, "decode", flaky)
+    assert outputs(engine, prompts, params, True) == want
+    assert engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_a_draft_model_with_other_tokens_is_refused(mock_dir, tmp_path):
+    from llaisys.engine.errors import DraftModelMismatchError
+
+    other = write_mock_model(tmp_path / "other", vocab_size=VOCAB + 1)
+    with pytest.raises(DraftModelMismatchError, match="vocabulary size differs: 301 against the target's 300"):
+        draft_engine(mock_dir, other)
+    special = write_mock_model(tmp_path / "special", vocab_size=VOCAB, special_tokens={"<|im_end|>": 260})
+    with pytest.raises(DraftModelMismatchError, match="special tokens differ"):
+        draft_engine(mock_dir, special)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), n_ctx=st.integers(60, 200), budget=st.integers(8, 24), k=st.integers(1, 8))
+def test_random_workloads_with_a_draft_model_keep_every_invariant(mock_dir, draft_dir, seed, n_ctx, budget, k):
+    """As the n-gram one; check_kv also holds the draft's cells to a prefix of each running completion."""
+    rng = random.Random(seed)
+    engine = draft_engine(mock_dir, draft_dir, n_ctx=n_ctx, max_num_seqs=6, max_num_batched_tokens=budget,
+                          num_speculative_tokens=k)
+    run_random_workload(engine, rng, lambda step, requests: [rng.randrange(256) for _ in range(rng.randint(1, 30))],
+                        arrivals=30, max_tokens=30, steps=400)
+
+
+def test_adaptive_drafting_counts_the_draft_models_steps():
+    """Same acceptance, same target: a cheap draft model drafts, a costly one does not."""
+    from llaisys.engine.request import Request
+    from llaisys.engine.spec_decode import expected_speedup
+
+    assert expected_speedup(0.8, 0, 0.5) == 1.0 and expected_speedup(1.0, 3, 0.0) == 4.0
+    assert expected_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8 ** 5) / 0.2 / 1.4)
+    target = StepCost()
+    for rows in (1, 3, 5, 9):
+        target.observe(rows, 0.1 + 0.01 * rows)  # a = 0.1 s
+    draft = StepCost()
+    for rows in (1, 3, 5, 9):
+        draft.observe(rows, 0.02 + 0.002 * rows)  # a_d = 0.02 s, 0.2 of the target's
+    assert target.base == pytest.approx(0.1) and draft.base == pytest.approx(0.02)
+
+    def drafts(cost: StepCost, batch: int) -> int:
+        spec = Speculator(k=8, adaptive=True, draft_cost=cost)
+        spec.cost = target
+        r = Request("r", None, [1, 2, 3], SamplingParams(max_tokens=100), frozenset(), 1000, lambda ids: None)
+        for _ in range(10):
+            spec.record(r.leader, 8, 6)
+        tokens, deferred = spec.draft(r.leader, 8, batch)
+        assert tokens == ()
+        return deferred
+
+    assert 0 < drafts(draft, 1) <= 8
+    costly = StepCost()
+    for rows in (1, 3, 5, 9):
+        costly.observe(rows, 0.2 + 0.002 * rows)  # slower than the target itself
+    assert drafts(costly, 1) == 0
+    assert drafts(draft, 64) < drafts(draft, 1)
+
+
 # the parts
 def test_ngram_proposes_what_followed_the_latest_longest_match():
     import numpy as np
@@ -288,7 +468,7 @@ def test_adaptive_drafting_follows_acceptance_and_batch_size(mock_dir):
     for rows in (1, 3, 5, 9, 1, 5):
         cost.observe(rows, 2.0 + 0.5 * rows)
     assert cost.row_cost == pytest.approx(0.25)
-    spec = Speculator(k=8, min_n=1, max_n=3, adaptive=True)
+    spec = Speculator(k=8, adaptive=True, ngram=ngram.NgramDrafter(1, 3))
     spec.cost = cost
     engine = mock_engine(mock_dir)
     good, half, bad = (engine.make_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], SamplingParams(max_tokens=100)).leader
@@ -297,15 +477,19 @@ def test_adaptive_drafting_follows_acceptance_and_batch_size(mock_dir):
         spec.record(good, 8, 8)
         spec.record(half, 8, 4)
         spec.record(bad, 8, 0)
-    assert spec.draft(good, 8, batch=1) == (4, 5, 6, 7, 8, 9, 1, 2)
-    assert 0 < len(spec.draft(half, 8, batch=1)) < 8
-    assert spec.draft(half, 8, batch=64) == () and spec.draft(bad, 8, batch=1) == ()
+    assert spec.draft(good, 8, batch=1) == ((4, 5, 6, 7, 8, 9, 1, 2), 0)
+    assert 0 < len(spec.draft(half, 8, batch=1)[0]) < 8
+    assert spec.draft(half, 8, batch=64) == ((), 0) and spec.draft(bad, 8, batch=1) == ((), 0)
     assert good.request.metrics.spec.num_accepted_tokens == 80
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="not available yet"):
+    with pytest.raises(ValueError, match="needs a draft_model"):
         EngineArgs(speculative="draft")
+    with pytest.raises(ValueError, match="a draft_model needs speculative='draft'"):
+        EngineArgs(speculative="ngram", draft_model="/some/draft")
+    with pytest.raises(ValueError, match="speculative_p_min must be a number in"):
+        EngineArgs(speculative="draft", draft_model="/some/draft", speculative_p_min=1.5)
     with pytest.raises(ValueError, match="speculative must be one of"):
         EngineArgs(speculative="eagle")
     with pytest.raises(ValueError, match="num_speculative_tokens"):
@@ -320,6 +504,9 @@ def test_bad_settings_are_refused():
     assert (args.speculative, args.num_speculative_tokens, args.speculative_adaptive) == ("ngram", 6, False)
     with pytest.raises(ValueError, match="LLAISYS_SPECULATIVE_NGRAM_MIN must be an integer"):
         ServerConfig.from_env({"LLAISYS_SPECULATIVE_NGRAM_MIN": "two"})
+    args = ServerConfig.from_env({"LLAISYS_SPECULATIVE": "draft", "LLAISYS_DRAFT_MODEL": "/d",
+                                  "LLAISYS_SPECULATIVE_P_MIN": "0.5"}).engine_args()
+    assert (args.speculative, args.draft_model, args.speculative_p_min) == ("draft", "/d", 0.5)
 
 
 # The real default model: the kernels' batch invariance end to end.
@@ -348,3 +535,23 @@ def test_real_outputs_identical_with_speculation_off_and_on(real_model, kind):
                                                        num_speculative_tokens=k, **SPEC))
         assert outputs(engine, prompts, params, True) == want, k
         assert engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_real_draft_model_outputs_identical_with_speculation_off_and_on(real_model, kind):
+    """The 1.5B sibling drafted for by the default model when its GGUF is there, else the default model
+    drafting for itself."""
+    from pathlib import Path
+
+    sibling = Path.home() / ".cache/llaisys/qwen2.5-coder-1.5b-instruct.gguf"
+    target = str(sibling) if sibling.is_file() else real_model
+    params = SamplingParams(max_tokens=40, **PARAMS[kind])
+    common = dict(model=target, n_ctx=1024, max_num_seqs=4)
+    base = LLMEngine.from_engine_args(EngineArgs(**common))
+    prompts = [base.tokenize(base.chat_prompt([{"role": "user", "content": p}]))[1] for p in REAL_PROMPTS]
+    want = outputs(base, prompts, params, True)
+    engine = LLMEngine.from_engine_args(EngineArgs(**common, speculative="draft", draft_model=real_model,
+                                                   num_speculative_tokens=4, speculative_adaptive=False))
+    assert outputs(engine, prompts, params, True) == want
+    assert engine.stats().spec_decode.num_accepted_tokens > 0 and engine.drafter.kv_used == 0

@@ -6,7 +6,7 @@ from typing import Optional
 
 MAX_SEQS = 4096  # the core's limit on sequence ids (running slots and cache sequences together)
 MAX_SPEC_TOKENS = 32  # drafts per verify (vLLM's MAX_SPEC_LEN)
-SPECULATIVE = ("off", "ngram")
+SPECULATIVE = ("off", "ngram", "draft")
 
 
 @dataclasses.dataclass
@@ -29,7 +29,10 @@ class EngineArgs:
     prefix_cache_seqs:      core sequences for the prefix cache's nodes, apart from max_num_seqs
                             (a full cache evicts a node for a new one; it never blocks admission).
     speculative:            "ngram": draft tokens by prompt lookup and verify them in the decode
-                            batch (spec_decode.py; the output is the same as with "off").
+                            batch (spec_decode.py; the output is the same as with "off"); "draft":
+                            draft them with the draft model (draft_model.py).
+    draft_model:            the draft model (a path as for model) with the target's tokenizer.
+    speculative_p_min:      the draft model stops drafting at a token it gives less probability.
     num_speculative_tokens: most drafts per verify (k).
     prompt_lookup_min, prompt_lookup_max: the n-gram lengths matched (longest first).
     speculative_adaptive:   draft only as many tokens as measured acceptance and step cost make
@@ -54,6 +57,8 @@ class EngineArgs:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     speculative_adaptive: bool = True
+    draft_model: Optional[str] = None
+    speculative_p_min: float = 0.75
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "n_ctx"):
@@ -62,10 +67,14 @@ class EngineArgs:
             _check_int(name, getattr(self, name), 1, optional=True)
         _check_int("prefix_cache_max_cells", self.prefix_cache_max_cells, 0, optional=True)
         _check_int("prefix_cache_seqs", self.prefix_cache_seqs, 1, MAX_SEQS - self.max_num_seqs)
-        if self.speculative == "draft":
-            raise ValueError("speculative='draft' (a draft model) is not available yet; use 'ngram' or 'off'")
         if self.speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {self.speculative!r}")
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("speculative='draft' needs a draft_model, and a draft_model needs speculative='draft'"
+                             f" (got speculative={self.speculative!r}, draft_model={self.draft_model!r})")
+        p_min = self.speculative_p_min
+        if isinstance(p_min, bool) or not isinstance(p_min, (int, float)) or not 0.0 <= p_min <= 1.0:
+            raise ValueError(f"speculative_p_min must be a number in [0, 1], got {p_min!r}")
         _check_int("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPEC_TOKENS)
         _check_int("prompt_lookup_min", self.prompt_lookup_min, 1)
         _check_int("prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)

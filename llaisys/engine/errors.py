@@ -1,6 +1,8 @@
 """Errors the engine raises to its callers; each names the problem (the server maps them to HTTP codes)."""
 from __future__ import annotations
 
+from ..models.base import ModelLoadError
+
 
 class EngineError(RuntimeError):
     """Base class of the engine's own errors."""
@@ -20,3 +22,7 @@ class RequestFailedError(EngineError):
 
 class EngineClosedError(EngineError):
     """The async engine is not running (never started, or shut down)."""
+
+
+class DraftModelMismatchError(ModelLoadError):
+    """The draft model's tokenizer is not the target's: its drafts would mean other tokens."""

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..core import KVCacheFullError, LlaisysError
+from .draft_model import DraftModel
 from .kv_ops import KvOp
 from .outputs import Logprob, StepLogprobs
 from .request import Completion, Request
@@ -19,20 +20,27 @@ log = logging.getLogger(__name__)
 
 
 class Executor:
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Worker, drafter: Optional[DraftModel] = None):
         self.worker = worker
+        self.drafter = drafter
         self.decode_token = lambda t: worker.adapter.decode([t])
 
     def apply(self, ops: Sequence[KvOp]) -> None:
         self.worker.apply(ops)
+        if self.drafter is not None:
+            self.drafter.apply(ops)
 
     def execute(self, plan: Plan) -> StepResult:
-        """Apply the plan's KV operations, compute its chunks and sample (verifying drafts); changes no request."""
-        self.worker.apply(plan.kv_ops)
+        """Apply the plan's KV operations, draft (a draft model), compute the chunks and sample (verifying
+        drafts); changes no request."""
+        self.apply(plan.kv_ops)
         if not plan.chunks:
             return StepResult()
-        chunks, logits, failed = self._decode(plan.chunks)
-        result = StepResult(computed=chunks, failed=failed)
+        chunks, draft_seconds = plan.chunks, 0.0
+        if self.drafter is not None:
+            chunks, draft_seconds = self.drafter.propose(chunks)
+        chunks, logits, failed = self._decode(chunks)
+        result = StepResult(computed=chunks, failed=failed, draft_seconds=draft_seconds)
         targets, rows, drafts = self._sampling_targets(chunks)
         if targets:
             # only n > 1 and verifies leave rows out or reuse one: spare the usual copy

@@ -17,6 +17,7 @@ from ..core import KVCacheFullError
 from ..models import ModelAdapter, RuntimeOptions, load_model
 from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer
+from .draft_model import DraftModel, check_vocabulary
 from .errors import PromptTooLongError
 from .executor import Executor
 from .grammar import GrammarState, GrammarTokenizers
@@ -25,6 +26,7 @@ from .request import Request, RequestState
 from .sampling_params import SamplingParams
 from .kv_manager import KvManager
 from .scheduler import Scheduler, StepResult
+from .ngram import NgramDrafter
 from .spec_decode import Speculator
 from .worker import Worker
 
@@ -67,15 +69,24 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, adapter: ModelAdapter, args: EngineArgs):
+    def __init__(self, adapter: ModelAdapter, args: EngineArgs, draft: Optional[ModelAdapter] = None):
+        """draft: the loaded draft model when args.speculative is "draft" (only its core model is kept)."""
         self.adapter = adapter
         self.args = args
         self.worker = Worker(adapter)
-        self.executor = Executor(self.worker)
+        if (args.speculative == "draft") != (draft is not None):
+            raise ValueError("a draft model is needed with speculative='draft', and only then")
+        self.drafter = None
+        if draft is not None:
+            check_vocabulary(adapter, draft)
+            self.drafter = DraftModel(draft.model, args.max_num_seqs, args.speculative_p_min)
+        self.executor = Executor(self.worker, self.drafter)
         self.kv = KvManager(self.worker.kv_capacity, args.max_num_seqs,
                             args.prefix_cache_seqs if args.enable_prefix_caching else 0, args.prefix_cache_max_cells)
         self.speculator = None if args.speculative == "off" else Speculator(
-            args.num_speculative_tokens, args.prompt_lookup_min, args.prompt_lookup_max, args.speculative_adaptive)
+            args.num_speculative_tokens, args.speculative_adaptive,
+            NgramDrafter(args.prompt_lookup_min, args.prompt_lookup_max) if self.drafter is None else None,
+            self.drafter.cost if self.drafter is not None else None)
         self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv, self.speculator)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
         self.eos_ids = frozenset(adapter.end_token_ids)
@@ -92,7 +103,12 @@ class LLMEngine:
         path = Path(args.model) if args.model else _default_model()
         options = RuntimeOptions(n_ctx=args.n_ctx, n_seq_max=args.n_seq_max, n_batch=args.max_num_batched_tokens,
                                  n_threads=args.n_threads, kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype)
-        return cls(load_model(path, options), args)
+        target = load_model(path, options)
+        if args.draft_model is None:
+            return cls(target, args)
+        # Its own cells for the running slots only: it has no prefix cache.
+        draft = load_model(Path(args.draft_model), dataclasses.replace(options, n_seq_max=args.max_num_seqs))
+        return cls(target, args, draft)
 
     # requests
     def make_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
@@ -163,8 +179,10 @@ class LLMEngine:
         self._steps += 1
         self._last_step = time.perf_counter() - start
         self._step_total += self._last_step
-        if self.speculator is not None and plan.chunks and all(ch.length == 1 for ch in plan.chunks):
-            self.speculator.cost.observe(plan.num_tokens, self._last_step)  # decode steps only: prompts cost otherwise
+        if self.speculator is not None and result.computed and all(ch.length == 1 for ch in result.computed):
+            # decode steps only (prompts cost otherwise), and the target's time alone
+            rows = sum(ch.rows for ch in result.computed)
+            self.speculator.cost.observe(rows, self._last_step - result.draft_seconds)
         return outputs
 
     def _collect(self, request: Request) -> RequestOutput:

@@ -7,8 +7,12 @@ it: those drafts are accepted in long runs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from .request import Completion
 
 
 def propose(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
@@ -22,3 +26,15 @@ def propose(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
             start = int(hits[-1]) + n
             return tokens[start:start + k].tolist()
     return []
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramDrafter:
+    """Prompt lookup over a completion's tokens, matching suffixes of min_n to max_n tokens."""
+
+    min_n: int
+    max_n: int
+
+    def propose(self, c: Completion, k: int) -> list[int]:
+        tokens = np.asarray(c.request.prompt_ids + c.output_ids, dtype=np.int64)
+        return propose(tokens, k, self.min_n, self.max_n)

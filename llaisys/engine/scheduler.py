@@ -38,12 +38,14 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Chunk:
     """Tokens [start, start + length) of one completion; sample = its logits row is sampled. A decode
-    chunk may carry drafted tokens after its one token: then every row has logits (a verify)."""
+    chunk may carry drafted tokens after its one token: then every row has logits (a verify). A plan
+    may leave up to max_draft of them to the draft model, which proposes them when the step runs."""
 
     completion: Completion
     start: int
     length: int
     draft: tuple[int, ...] = ()
+    max_draft: int = 0
 
     @property
     def sample(self) -> bool:
@@ -82,6 +84,7 @@ class StepResult:
     sampled: list[Sampled] = dataclasses.field(default_factory=list)
     failed: dict[Request, str] = dataclasses.field(default_factory=dict)  # requests the model rejected
     accepted: dict[Completion, int] = dataclasses.field(default_factory=dict)  # per verify: drafts accepted
+    draft_seconds: float = 0.0  # of the step's time, the draft model's
 
 
 class Scheduler:
@@ -143,16 +146,17 @@ class Scheduler:
             self._give_way(plan)
 
     def _draft(self, decodes: list[Chunk]) -> int:
-        """Give the decode chunks their drafts, within the budget and the cells left; the drafts planned.
-        Cached cells give way only to drafts actually proposed."""
+        """Give the decode chunks their drafts (or room for the draft model's), within the budget and the
+        cells left; the drafts planned. Cached cells give way only to drafts actually proposed."""
         budget, drafted = self.token_budget - len(decodes), 0
         for ch in decodes:
-            draft = self.speculator.draft(ch.completion, budget - drafted, len(decodes))
-            if draft:
-                self.kv.reclaim(len(decodes) + drafted + len(draft))
-                draft = draft[:max(self.kv.free - len(decodes) - drafted, 0)]
-            ch.draft = draft
-            drafted += len(draft)
+            draft, deferred = self.speculator.draft(ch.completion, budget - drafted, len(decodes))
+            wanted = len(draft) + deferred
+            if wanted:
+                self.kv.reclaim(len(decodes) + drafted + wanted)
+                wanted = min(wanted, max(self.kv.free - len(decodes) - drafted, 0))
+            ch.draft, ch.max_draft = draft[:wanted], wanted if deferred else 0
+            drafted += wanted
         return drafted
 
     def _give_way(self, plan: Plan) -> None:
@@ -217,6 +221,8 @@ class Scheduler:
         for ch in result.computed:
             if ch.draft:
                 self._settle_verify(ch, result.accepted.get(ch.completion, 0))
+            elif ch.max_draft:
+                self.speculator.missed(ch.completion)
         for request in touched:
             if request.state is not RequestState.RUNNING:
                 continue

@@ -39,6 +39,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LLAISYS_SPECULATIVE_NGRAM_MIN": ("prompt_lookup_min", int),
     "LLAISYS_SPECULATIVE_NGRAM_MAX": ("prompt_lookup_max", int),
     "LLAISYS_SPECULATIVE_ADAPTIVE": ("speculative_adaptive", _flag),
+    "LLAISYS_DRAFT_MODEL": ("draft_model", str),
+    "LLAISYS_SPECULATIVE_P_MIN": ("speculative_p_min", float),
 }
 KINDS = {int: "an integer", float: "a number", _flag: "1/0, true/false, yes/no or on/off"}
 
@@ -78,6 +80,8 @@ class ServerConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     speculative_adaptive: bool = True
+    draft_model: Optional[str] = None
+    speculative_p_min: float = 0.75
 
     def __post_init__(self) -> None:
         if self.request_timeout < 0:
