@@ -97,10 +97,11 @@ def test_matmul_matches_numpy_reference(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", TYPES)
-def test_matmul_rows_identical_alone_batched_and_threaded(dtype):
+@pytest.mark.parametrize("k", [0, 1536])  # 1536: batches unpack it in three chunks of 512 columns
+def test_matmul_rows_identical_alone_batched_and_threaded(dtype, k):
     rng = np.random.default_rng(3)
     elems, _ = block_size(dtype)
-    n, k = 48, 2 * max(elems, 64)
+    n, k = 48, k or 2 * max(elems, 64)
     w = random_matrix(dtype, n, k, rng)
     x = rng.standard_normal((13, k)).astype(np.float32)
     batched = core.matmul(w, dtype, n, k, x, n_threads=2)

@@ -30,6 +30,7 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef uint16_t v16u16 __attribute__((vector_size(32)));
 typedef uint32_t v16u32 __attribute__((vector_size(64)));
 typedef _Float16 v16h __attribute__((vector_size(32)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 constexpr int32_t kLanes = 16;
 
@@ -402,8 +403,6 @@ void matmul_t(const typename K::X *x, int32_t m, int32_t k, const typename K::W 
     }
 }
 
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 // e^x for 16 lanes: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative
 // error about 2e-7, near float rounding); inputs are clamped to the finite range.
 inline v16f exp16(v16f x) {
@@ -448,6 +447,26 @@ struct QuantizedRows {
     std::vector<int32_t> sum; // m x k / 16: the sum of q over each 16 columns (for offsets and mins)
 };
 
+// The largest of 16 lanes (exact, in any order), and the sum of 16 int32 lanes.
+inline float max_lanes(v16f v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps(__m512(v));
+#else
+    float r = v[0];
+    for (int l = 1; l < kLanes; ++l) r = std::max(r, v[l]);
+    return r;
+#endif
+}
+inline int32_t sum_lanes(v16i v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_epi32(__m512i(v));
+#else
+    int32_t r = 0;
+    for (int l = 0; l < kLanes; ++l) r += v[l];
+    return r;
+#endif
+}
+
 void quantize_rows(const float *x, int32_t m, int32_t k, QuantizedRows &qx, int32_t n_threads) {
     const size_t blocks = size_t(m) * size_t(k / 32);
     // Only ever grown, as matmul_packed's buffer.
@@ -456,26 +475,45 @@ void quantize_rows(const float *x, int32_t m, int32_t k, QuantizedRows &qx, int3
     int8_t *q = qx.q.data();
     float *d = qx.d.data();
     int32_t *sum = qx.sum.data();
+    typedef int8_t v16i8 __attribute__((vector_size(16)));
 #pragma omp parallel for num_threads(n_threads) if (int64_t(m) * k > 65536)
     for (int64_t b = 0; b < int64_t(blocks); ++b) {
-        const float *xb = x + b * 32;
-        float amax = 0.0f;
-        for (int32_t e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(xb[e]));
+        v16f half[2];
+        std::memcpy(half, x + b * 32, sizeof half);
+        const v16f a = v16f(v16u32(half[0]) & 0x7fffffffu), c = v16f(v16u32(half[1]) & 0x7fffffffu); // |x|
+        const float amax = max_lanes(a > c ? a : c);
         const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
-        int32_t total[2] = {0, 0};
-        for (int32_t e = 0; e < 32; ++e) {
-            const int8_t v = int8_t(std::round(xb[e] * inv)); // halves away from zero, as gguf's np_roundf
-            q[b * 32 + e] = v;
-            total[e / 16] += v;
+        for (int h = 0; h < 2; ++h) {
+            // Rounded halves away from zero, as std::round and gguf's np_roundf: truncate, then
+            // step away from zero where the (exact) remainder is at least a half.
+            const v16f v = half[h] * inv;
+            v16i r = __builtin_convertvector(v, v16i);
+            const v16f rest = v - __builtin_convertvector(r, v16f);
+            r += (rest >= 0.5f ? 1 : 0) - (rest <= -0.5f ? 1 : 0);
+            const v16i8 bytes = __builtin_convertvector(r, v16i8);
+            std::memcpy(q + b * 32 + h * 16, &bytes, 16);
+            sum[2 * b + h] = sum_lanes(r);
         }
         d[b] = scale;
-        sum[2 * b] = total[0];
-        sum[2 * b + 1] = total[1];
     }
+}
+
+// What a group's products need of one activation row: its int8 values for the group, their sum
+// and their scale.
+struct GroupRow {
+    const int8_t *q;
+    int32_t sum;
+    float d;
+};
+template <int G> inline GroupRow group_row(const QuantizedRows &qx, int32_t k, int32_t row, int32_t g) {
+    const int32_t *sums = qx.sum.data() + size_t(row) * size_t(k / 16) + size_t(g) * G / 16;
+    return {qx.q.data() + size_t(row) * size_t(k) + size_t(g) * G, G == 32 ? sums[0] + sums[1] : sums[0],
+            qx.d[size_t(row) * size_t(k / 32) + size_t(g) * G / 32]};
 }
 
 // A panel's 16 rows in lanes: one 512-bit vector with AVX-512 VNNI, two halves of 8 otherwise.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LLAISYS_VNNI512 1
 constexpr int kQLanes = 16;
 #else
 constexpr int kQLanes = 8;
@@ -485,32 +523,17 @@ typedef float vqf __attribute__((vector_size(4 * kQLanes)));
 typedef uint32_t vqu __attribute__((vector_size(4 * kQLanes)));
 constexpr int kQHalves = kQuantPanel / kQLanes;
 
-// acc + per lane the dot product of its 4 int8 weights (w: 4 per lane) with the 4 int8 activations x4.
-inline vqi dot4(vqi acc, const int8_t *w, int32_t x4) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    const __m512i wv = _mm512_loadu_si512(w), xv = _mm512_set1_epi32(x4);
-    // VPDPBUSD multiplies unsigned by signed bytes: the weight's sign moves onto the activation.
-    const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-    return vqi(_mm512_dpbusd_epi32(__m512i(acc), _mm512_abs_epi8(wv), sx));
-#elif defined(__AVX2__)
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w)), xv = _mm256_set1_epi32(x4);
-    // |w| times x with w's sign; a pair of products fits int16 since |w| <= 128 and |x| <= 127.
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    return acc + vqi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#else
-    int8_t x[4];
-    std::memcpy(x, &x4, 4);
-    for (int l = 0; l < kQLanes; ++l)
-        acc[l] += w[4 * l] * x[0] + w[4 * l + 1] * x[1] + w[4 * l + 2] * x[2] + w[4 * l + 3] * x[3];
-    return acc;
-#endif
+inline int32_t load_i32(const void *p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
 }
 
-// acc + per lane the dot product of its 4 unsigned weights q (at most 63) with the 4 int8 activations x4.
+// acc + per lane the dot product of its 4 unsigned weights q with the 4 int8 activations x4.
 inline vqi dot4u(vqi acc, vqu q, int32_t x4) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(LLAISYS_VNNI512)
     return vqi(_mm512_dpbusd_epi32(__m512i(acc), __m512i(q), _mm512_set1_epi32(x4)));
-#else // portable; AVX2 adds pair sums instead (pair_sums)
+#else // portable; AVX2 adds pair sums instead (pair_sums, q8_dot4)
     uint8_t w[4 * kQLanes];
     int8_t x[4];
     std::memcpy(w, &q, sizeof w);
@@ -521,115 +544,159 @@ inline vqi dot4u(vqi acc, vqu q, int32_t x4) {
 #endif
 }
 
-#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+#if defined(__AVX2__) && !defined(LLAISYS_VNNI512)
 // AVX2 has no byte dot product into int32 lanes: the int16 pair sums vpmaddubsw gives for unsigned
 // q are added up for as many steps as int16 holds exactly, then widened once (vpmaddwd), not per step.
 constexpr bool kPairSums = true;
 typedef int16_t vq16 __attribute__((vector_size(32)));
 inline vq16 pair_sums(vqu q, int32_t x4) { return vq16(_mm256_maddubs_epi16(__m256i(q), _mm256_set1_epi32(x4))); }
 inline vqi widen_pairs(vq16 sums) { return vqi(_mm256_madd_epi16(__m256i(sums), _mm256_set1_epi16(1))); }
+// 8-bit q (q - 128 = w) would overflow a pair sum: |w| times x with w's sign instead, whose pair
+// sums fit (|w| <= 128, |x| <= 127), summing w x without the offset.
+inline vqi q8_dot4(vqi acc, vqu q, int32_t x4) {
+    const __m256i w = _mm256_xor_si256(__m256i(q), _mm256_set1_epi8(char(0x80))), xv = _mm256_set1_epi32(x4);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+    return acc + vqi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
 #else
 constexpr bool kPairSums = false;
 typedef int16_t vq16 __attribute__((vector_size(2 * kQLanes)));
 inline vq16 pair_sums(vqu, int32_t) { return vq16{}; }
 inline vqi widen_pairs(vq16) { return vqi{}; }
+inline vqi q8_dot4(vqi acc, vqu, int32_t) { return acc; }
 #endif
 // Steps of unsigned kBits-bit q whose pair sums (each at most 2 * (2^kBits - 1) * 128) int16 holds.
 template <int kBits> constexpr int pair_run(int steps) {
     return std::min(steps, 32767 / (2 * ((1 << kBits) - 1) * 128));
 }
 
-// Step s (4 columns) of lanes [h * kQLanes, (h + 1) * kQLanes) of a 4- to 6-bit group (quant.hpp):
-// the nibbles and high bits of each column in its own byte.
+// Step s (4 columns) of lanes [h * kQLanes, (h + 1) * kQLanes) of a group's weights (quant.hpp):
+// each column's q in its own byte.
 template <int G, int kBits> inline vqu unsigned_step(const uint8_t *group, int s, int h) {
-    constexpr int half = G / 8;
-    vqu low;
-    std::memcpy(&low, group + ((s % half) * kQuantPanel + h * kQLanes) * 4, sizeof low);
-    vqu q = (s < half ? low : low >> 4) & 0x0F0F0F0Fu;
-    if constexpr (kBits > 4) {
-        constexpr uint32_t mask = kBits == 5 ? 0x01010101u : 0x03030303u;
-        vqu high;
-        std::memcpy(&high, group + G * kQuantPanel / 2 + h * kQLanes * 4, sizeof high);
-        q |= ((high >> ((kBits - 4) * s)) & mask) << 4;
-    }
-    return q;
-}
-
-typedef _Float16 vqh __attribute__((vector_size(2 * kQLanes)));
-
-// kQLanes consecutive scales of a packed group, f16 or f32.
-template <bool kHalf> inline vqf load_scales(const uint8_t *p) {
-    if constexpr (kHalf) {
-        vqh h;
-        std::memcpy(&h, p, sizeof h);
-        return __builtin_convertvector(h, vqf);
+    if constexpr (kBits == 8) {
+        vqu q;
+        std::memcpy(&q, group + (s * kQuantPanel + h * kQLanes) * 4, sizeof q);
+        return q;
     } else {
-        vqf v;
-        std::memcpy(&v, p, sizeof v);
-        return v;
+        constexpr int half = G / 8;
+        vqu low;
+        std::memcpy(&low, group + ((s % half) * kQuantPanel + h * kQLanes) * 4, sizeof low);
+        vqu q = (s < half ? low : low >> 4) & 0x0F0F0F0Fu;
+        if constexpr (kBits > 4) {
+            constexpr uint32_t mask = kBits == 5 ? 0x01010101u : 0x03030303u;
+            vqu high;
+            std::memcpy(&high, group + G * kQuantPanel / 2 + h * kQLanes * 4, sizeof high);
+            q |= ((high >> ((kBits - 4) * s)) & mask) << 4;
+        }
+        return q;
     }
 }
 
-// MR rows of x times one panel (16 outputs) over all of k, group by group: each group's integer
-// dot products are exact, then scaled into f32 lanes in k order, so a row's result is the same
-// whatever MR is. G: columns per scale; kBits: 8 (signed q) or 4 to 6 (unsigned q, less offset
-// times the activations' sum); kMin: the type subtracts a per-group min.
-template <int G, int kBits, bool kMin, bool kHalf, int MR>
+// kQLanes f16 / int8 / uint8 values as f32 lanes.
+inline vqf f16_lanes(const uint8_t *p) {
+    typedef _Float16 vqh __attribute__((vector_size(2 * kQLanes)));
+    vqh h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vqf);
+}
+template <class T> inline vqf byte_lanes(const uint8_t *p) {
+    typedef T vqb __attribute__((vector_size(kQLanes)));
+    vqb b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vqi), vqf);
+}
+
+// a * b + c rounded once, on every path.
+inline vqf fma_lanes(vqf a, vqf b, vqf c) {
+#if defined(LLAISYS_VNNI512)
+    return vqf(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+#elif defined(__FMA__)
+    return vqf(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+#else
+    return a * b + c; // one expression everywhere, so every path rounds alike
+#endif
+}
+
+// One group's exact integer dot products scaled into the f32 sums: the only rounding steps of a
+// block-type product, in the same order on every path, so a row's result never depends on the
+// kernel, the tile or the batch.
+template <bool kMin> inline vqf add_group(vqf acc, vqi dots, vqf scale, vqf min, float dx, int32_t x_sum) {
+    acc = fma_lanes(__builtin_convertvector(dots, vqf), scale * dx, acc);
+    if constexpr (kMin) acc = fma_lanes(-min, vqf{} + dx * float(x_sum), acc);
+    return acc;
+}
+
+// The scale and min lanes of group j of a super-block (quant.hpp): d, or d * sc; dmin * m.
+template <int S, bool kMin> struct SuperScales {
+    vqf d[kQHalves], dmin[kQHalves];
+    const uint8_t *header;
+    explicit SuperScales(const uint8_t *sb) : header(sb) {
+        for (int h = 0; h < kQHalves; ++h) {
+            d[h] = f16_lanes(sb + 2 * h * kQLanes);
+            if constexpr (kMin) dmin[h] = f16_lanes(sb + 2 * (kQuantPanel + h * kQLanes));
+        }
+    }
+    vqf scale(int j, int h) const {
+        if constexpr (S == 1) return d[h];
+        else return d[h] * byte_lanes<int8_t>(header + kQuantPanel * (kMin ? 4 : 2) + j * kQuantPanel + h * kQLanes);
+    }
+    vqf min(int j, int h) const {
+        if constexpr (kMin) return dmin[h] * byte_lanes<uint8_t>(header + kQuantPanel * (4 + S) + j * kQuantPanel + h * kQLanes);
+        else return vqf{};
+    }
+};
+
+// MR rows of x times one panel (16 outputs) over all of k, unpacking each step's q in registers:
+// the kernel of small batches, where no unpacked weight would be used twice.
+template <int G, int kBits, int S, bool kMin, int MR>
 void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t *panel, int32_t offset,
                 const float *bias, float *y, int32_t ldy, int32_t n_valid) {
-    constexpr size_t weight_bytes = quant_weight_bytes(G, kBits);
-    constexpr size_t group_bytes = quant_group_bytes(G, kBits, kMin, kHalf), scale_bytes = kHalf ? 2 : 4;
-    const int32_t blocks = k / 32, sixteens = k / 16;
+    constexpr size_t header = quant_header_bytes(S, kMin), weight_bytes = quant_weight_bytes(G, kBits);
+    constexpr size_t super_bytes = quant_super_bytes(G, kBits, S, kMin);
+    // AVX2 sums 8-bit q - 128 directly (q8_dot4), the other paths q, less offset times the sum.
+    constexpr bool kSigned8 = kBits == 8 && kPairSums, kPaired = kPairSums && kBits < 8;
+    constexpr int run = pair_run<kBits < 8 ? kBits : 4>(G / 4);
+    static_assert((G / 4) % run == 0, "pair-sum runs must tile the group's steps");
     vqf acc[MR][kQHalves] = {};
-    for (int32_t g = 0; g < k / G; ++g) {
-        const uint8_t *group = panel + size_t(g) * group_bytes;
-        const uint8_t *scales = group + weight_bytes;
-        int32_t x_sum[MR]; // sum of the group's activations
-        vqi dots[MR][kQHalves];
-        for (int i = 0; i < MR; ++i) {
-            const int32_t *sums = qx.sum.data() + size_t(row0 + i) * sixteens + g * G / 16;
-            x_sum[i] = G == 32 ? sums[0] + sums[1] : sums[0];
-            for (int h = 0; h < kQHalves; ++h) dots[i][h] = vqi{} - offset * x_sum[i];
-        }
-        constexpr bool kPaired = kPairSums && kBits < 8;
-        constexpr int run = pair_run<kBits < 8 ? kBits : 4>(G / 4);
-        static_assert((G / 4) % run == 0, "pair-sum runs must tile the group's steps");
-        vq16 paired[MR][kQHalves] = {};
+    for (int32_t b = 0; b < k / (S * G); ++b) {
+        const uint8_t *sb = panel + size_t(b) * super_bytes;
+        const SuperScales<S, kMin> scales(sb);
+        for (int j = 0; j < S; ++j) {
+            const uint8_t *group = sb + header + j * weight_bytes;
+            GroupRow x[MR];
+            vqi dots[MR][kQHalves];
+            for (int i = 0; i < MR; ++i) {
+                x[i] = group_row<G>(qx, k, row0 + i, b * S + j);
+                for (int h = 0; h < kQHalves; ++h) dots[i][h] = vqi{} - (kSigned8 ? 0 : offset * x[i].sum);
+            }
+            vq16 paired[MR][kQHalves] = {};
 #pragma GCC unroll 8
-        for (int s = 0; s < G / 4; ++s) {
-            vqu q[kQHalves];
-            if constexpr (kBits < 8)
+            for (int s = 0; s < G / 4; ++s) {
+                vqu q[kQHalves];
                 for (int h = 0; h < kQHalves; ++h) q[h] = unsigned_step<G, kBits>(group, s, h);
 #pragma GCC unroll 4
-            for (int i = 0; i < MR; ++i) {
-                int32_t x4;
-                std::memcpy(&x4, qx.q.data() + size_t(row0 + i) * k + g * G + 4 * s, 4);
-                for (int h = 0; h < kQHalves; ++h) {
-                    if constexpr (kBits == 8)
-                        dots[i][h] = dot4(dots[i][h], reinterpret_cast<const int8_t *>(group) +
-                                                          (s * kQuantPanel + h * kQLanes) * 4, x4);
-                    else if constexpr (kPaired)
-                        paired[i][h] += pair_sums(q[h], x4);
-                    else
-                        dots[i][h] = dot4u(dots[i][h], q[h], x4);
+                for (int i = 0; i < MR; ++i) {
+                    const int32_t x4 = load_i32(x[i].q + 4 * s);
+                    for (int h = 0; h < kQHalves; ++h) {
+                        if constexpr (kSigned8)
+                            dots[i][h] = q8_dot4(dots[i][h], q[h], x4);
+                        else if constexpr (kPaired)
+                            paired[i][h] += pair_sums(q[h], x4);
+                        else
+                            dots[i][h] = dot4u(dots[i][h], q[h], x4);
+                    }
                 }
+                if constexpr (kPaired)
+                    if ((s + 1) % run == 0)
+                        for (int i = 0; i < MR; ++i)
+                            for (int h = 0; h < kQHalves; ++h) {
+                                dots[i][h] += widen_pairs(paired[i][h]);
+                                paired[i][h] = vq16{};
+                            }
             }
-            if constexpr (kPaired)
-                if ((s + 1) % run == 0)
-                    for (int i = 0; i < MR; ++i)
-                        for (int h = 0; h < kQHalves; ++h) {
-                            dots[i][h] += widen_pairs(paired[i][h]);
-                            paired[i][h] = vq16{};
-                        }
-        }
-        const int32_t block = g * G / 32;
-        for (int i = 0; i < MR; ++i) {
-            const float dx = qx.d[size_t(row0 + i) * blocks + block];
             for (int h = 0; h < kQHalves; ++h) {
-                acc[i][h] += __builtin_convertvector(dots[i][h], vqf) * (load_scales<kHalf>(scales + h * kQLanes * scale_bytes) * dx);
-                if constexpr (kMin)
-                    acc[i][h] -= load_scales<kHalf>(scales + (kQuantPanel + h * kQLanes) * scale_bytes) *
-                                 (dx * float(x_sum[i]));
+                const vqf scale = scales.scale(j, h), min = scales.min(j, h);
+                for (int i = 0; i < MR; ++i) acc[i][h] = add_group<kMin>(acc[i][h], dots[i][h], scale, min, x[i].d, x[i].sum);
             }
         }
     }
@@ -644,40 +711,195 @@ constexpr int kQuantMR = 4;
 using QuantTileFn = void (*)(const QuantizedRows &, int32_t, int32_t, const uint8_t *, int32_t, const float *, float *,
                              int32_t, int32_t);
 
-template <int G, int kBits, bool kMin, bool kHalf, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
+template <int G, int kBits, int S, bool kMin, int MR = kQuantMR> QuantTileFn quant_tile_for_mr(int mr) {
     if constexpr (MR > 1) {
-        if (mr < MR) return quant_tile_for_mr<G, kBits, kMin, kHalf, MR - 1>(mr);
+        if (mr < MR) return quant_tile_for_mr<G, kBits, S, kMin, MR - 1>(mr);
     }
-    return quant_tile<G, kBits, kMin, kHalf, MR>;
+    return quant_tile<G, kBits, S, kMin, MR>;
 }
 
-// The tile of each block type's packed form; a type with no entry here fails its first matmul.
-QuantTileFn quant_tile_for(const TypeTraits &t, int mr) {
-    // Chosen by the layout's parameters, so a kernel always matches the panels it reads.
-    const auto is = [&t](int32_t group, int32_t bits, bool has_min, bool half_scale) {
-        return t.group == group && t.bits == bits && t.has_min == has_min && t.half_scale == half_scale;
+#if defined(LLAISYS_VNNI512)
+// Batches of rows: a unit's panels are unpacked once per chunk of k into bytes and f32 scales,
+// which every row tile then reads with one VPDPBUSD per row, panel and step.
+//
+// An unpacked group: G / 4 steps of 16 rows x 4 bytes of q, then 16 f32 scales, then 16 f32 mins.
+template <int G, bool kMin> constexpr size_t unpacked_group_bytes() { return G * 16 + 64 * (kMin ? 2 : 1); }
+
+template <int G, int kBits, int S, bool kMin>
+void unpack_chunk(const uint8_t *panel, int32_t b0, int32_t b1, uint8_t *out) {
+    constexpr size_t header = quant_header_bytes(S, kMin), weight_bytes = quant_weight_bytes(G, kBits);
+    for (int32_t b = b0; b < b1; ++b) {
+        const uint8_t *sb = panel + size_t(b) * quant_super_bytes(G, kBits, S, kMin);
+        const SuperScales<S, kMin> scales(sb);
+        for (int j = 0; j < S; ++j) {
+            for (int s = 0; s < G / 4; ++s) {
+                const vqu q = unsigned_step<G, kBits>(sb + header + j * weight_bytes, s, 0);
+                std::memcpy(out + 64 * s, &q, 64);
+            }
+            const vqf scale = scales.scale(j, 0), min = scales.min(j, 0);
+            std::memcpy(out + G * 16, &scale, 64);
+            if constexpr (kMin) std::memcpy(out + G * 16 + 64, &min, 64);
+            out += unpacked_group_bytes<G, kMin>();
+        }
+    }
+}
+
+// MR rows times NR unpacked panels over groups [g0, g0 + n_groups). Sums resume from y after the
+// first chunk (stored f32 sums reload exactly) and get the bias after the last one.
+template <int G, bool kMin, int MR, int NR>
+void unpacked_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t *unpacked, size_t panel_stride,
+                   int32_t g0, int32_t n_groups, int32_t offset, bool resume, bool last, const float *bias, float *y,
+                   int32_t ldy, int32_t n_valid) {
+    const __mmask16 tail = __mmask16((1u << std::min(n_valid - (NR - 1) * kQuantPanel, kQuantPanel)) - 1);
+    vqf acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            acc[i][j] = resume ? vqf(_mm512_maskz_loadu_ps(j == NR - 1 ? tail : __mmask16(0xffff),
+                                                           y + size_t(i) * ldy + j * kQuantPanel))
+                               : vqf{};
+    for (int32_t gi = 0; gi < n_groups; ++gi) {
+        const uint8_t *group = unpacked + gi * unpacked_group_bytes<G, kMin>();
+        GroupRow x[MR];
+        __m512i dots[MR][NR];
+        for (int i = 0; i < MR; ++i) {
+            x[i] = group_row<G>(qx, k, row0 + i, g0 + gi);
+            for (int j = 0; j < NR; ++j) dots[i][j] = _mm512_set1_epi32(-offset * x[i].sum);
+        }
+#pragma GCC unroll 8
+        for (int s = 0; s < G / 4; ++s) {
+            __m512i w[NR];
+            for (int j = 0; j < NR; ++j) w[j] = _mm512_loadu_si512(group + j * panel_stride + 64 * s);
+            for (int i = 0; i < MR; ++i) {
+                const __m512i xv = _mm512_set1_epi32(load_i32(x[i].q + 4 * s));
+                for (int j = 0; j < NR; ++j) dots[i][j] = _mm512_dpbusd_epi32(dots[i][j], w[j], xv);
+            }
+        }
+        for (int j = 0; j < NR; ++j) {
+            vqf scale, min = {};
+            std::memcpy(&scale, group + j * panel_stride + G * 16, 64);
+            if constexpr (kMin) std::memcpy(&min, group + j * panel_stride + G * 16 + 64, 64);
+            for (int i = 0; i < MR; ++i) acc[i][j] = add_group<kMin>(acc[i][j], vqi(dots[i][j]), scale, min, x[i].d, x[i].sum);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            const __mmask16 mask = j == NR - 1 ? tail : __mmask16(0xffff);
+            vqf v = acc[i][j];
+            // + 0 without a bias, as quant_tile adds: it turns a -0 sum into +0 on both paths.
+            if (last) v = v + (bias ? vqf(_mm512_maskz_loadu_ps(mask, bias + j * kQuantPanel)) : vqf{});
+            _mm512_mask_storeu_ps(y + size_t(i) * ldy + j * kQuantPanel, mask, __m512(v));
+        }
+}
+
+constexpr int kUnpackMR = 4, kUnpackNR = 2;
+using UnpackFn = void (*)(const uint8_t *, int32_t, int32_t, uint8_t *);
+using UnpackedTileFn = void (*)(const QuantizedRows &, int32_t, int32_t, const uint8_t *, size_t, int32_t, int32_t,
+                                int32_t, bool, bool, const float *, float *, int32_t, int32_t);
+
+template <int G, bool kMin, int MR = kUnpackMR, int NR = kUnpackNR> UnpackedTileFn unpacked_tile_for(int mr, int nr) {
+    if constexpr (NR > 1) {
+        if (nr < NR) return unpacked_tile_for<G, kMin, MR, NR - 1>(mr, nr);
+    }
+    if constexpr (MR > 1) {
+        if (mr < MR) return unpacked_tile_for<G, kMin, MR - 1, NR>(mr, nr);
+    }
+    return unpacked_tile<G, kMin, MR, NR>;
+}
+#endif
+
+// A block type's kernels, chosen by the layout's parameters so a kernel always matches the panels it reads.
+struct QuantKernels {
+    QuantTileFn tile[kQuantMR + 1];
+#if defined(LLAISYS_VNNI512)
+    UnpackFn unpack;
+    UnpackedTileFn unpacked[kUnpackMR + 1][kUnpackNR + 1];
+#endif
+};
+
+template <int G, int kBits, int S, bool kMin> QuantKernels kernels_of() {
+    QuantKernels q{};
+    for (int mr = 1; mr <= kQuantMR; ++mr) q.tile[mr] = quant_tile_for_mr<G, kBits, S, kMin>(mr);
+#if defined(LLAISYS_VNNI512)
+    q.unpack = unpack_chunk<G, kBits, S, kMin>;
+    for (int mr = 1; mr <= kUnpackMR; ++mr)
+        for (int nr = 1; nr <= kUnpackNR; ++nr) q.unpacked[mr][nr] = unpacked_tile_for<G, kMin>(mr, nr);
+#endif
+    return q;
+}
+
+// The kernels of each block type's packed form; a type with no entry here fails its first matmul.
+const QuantKernels &quant_kernels(const TypeTraits &t) {
+    const auto is = [&t](int32_t group, int32_t bits, int32_t super_groups, bool has_min) {
+        return t.group == group && t.bits == bits && t.super_groups == super_groups && t.has_min == has_min;
     };
-    if (is(32, 8, false, true)) return quant_tile_for_mr<32, 8, false, true>(mr);  // Q8_0
-    if (is(32, 4, false, true)) return quant_tile_for_mr<32, 4, false, true>(mr);  // Q4_0
-    if (is(32, 5, false, true)) return quant_tile_for_mr<32, 5, false, true>(mr);  // Q5_0
-    if (is(32, 4, true, false)) return quant_tile_for_mr<32, 4, true, false>(mr);  // Q4_K
-    if (is(16, 6, false, false)) return quant_tile_for_mr<16, 6, false, false>(mr); // Q6_K
+    static const QuantKernels q8_0 = kernels_of<32, 8, 1, false>(), q4_0 = kernels_of<32, 4, 1, false>(),
+                              q5_0 = kernels_of<32, 5, 1, false>(), q4_k = kernels_of<32, 4, 8, true>(),
+                              q6_k = kernels_of<16, 6, 16, false>();
+    if (is(32, 8, 1, false)) return q8_0;
+    if (is(32, 4, 1, false)) return q4_0;
+    if (is(32, 5, 1, false)) return q5_0;
+    if (is(32, 4, 8, true)) return q4_k;
+    if (is(16, 6, 16, false)) return q6_k;
     throw std::logic_error(std::string("no int8 kernel for ") + t.name);
 }
 
-// Several block-type products of the same x: x is quantized once, and the products' units (up to
-// 4 panels each) are shared out together one at a time, as matmul_packed does.
+// Rows from which a batch unpacks its weights once per chunk rather than in registers per row tile.
+constexpr int32_t kUnpackMinRows = 6;
+
+// Several block-type products of the same x: x is quantized once, and the products' units (a few
+// panels each) are shared out together one at a time, as matmul_packed does.
 void matmul_quant(const float *x, int32_t m, int32_t k, const MatmulOut *outs, int32_t count, int32_t n_threads) {
     static thread_local QuantizedRows qx;
     quantize_rows(x, m, k, qx, n_threads);
     const QuantizedRows &xq = qx; // the caller's buffer: qx names another one in each worker thread
+    // Each product's kernels, resolved here: a worker thread must not throw.
+    std::vector<const QuantKernels *> kernels(static_cast<size_t>(count));
+    for (int32_t o = 0; o < count; ++o) kernels[size_t(o)] = &quant_kernels(*type_traits(outs[o].w.dtype));
+#if defined(LLAISYS_VNNI512)
+    if (m >= kUnpackMinRows) {
+        const SharedTiles units(outs, count, m, k, kQuantPanel, kUnpackNR);
+#pragma omp parallel num_threads(n_threads) if (units.flops > 32768)
+        {
+            static thread_local std::vector<uint8_t> unpacked;
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int32_t u = 0; u < units.size(); ++u) {
+                const int32_t o = units.product_of(u);
+                const MatmulOut &out = outs[o];
+                const TypeTraits &t = *type_traits(out.w.dtype);
+                const QuantKernels &kern = *kernels[size_t(o)];
+                const int32_t n = out.w.n, n_panels = (n + kQuantPanel - 1) / kQuantPanel;
+                const int32_t p0 = (u - units.first[size_t(o)]) * kUnpackNR, nr = std::min(kUnpackNR, n_panels - p0);
+                const int32_t col = p0 * kQuantPanel, n_valid = std::min(nr * kQuantPanel, n - col);
+                const int32_t supers = k / t.block_elems, groups_per_super = t.super_groups;
+                const size_t panel_bytes = size_t(supers) * quant_super_bytes(t);
+                // Chunks of about 512 columns: the unit's unpacked weights stay in L1, a chunk of x in L2.
+                const int32_t chunk = std::max(1, 512 / t.block_elems);
+                const size_t group_bytes = t.has_min ? size_t(t.group) * 16 + 128 : size_t(t.group) * 16 + 64;
+                const size_t panel_stride = size_t(chunk) * size_t(groups_per_super) * group_bytes;
+                if (unpacked.size() < size_t(kUnpackNR) * panel_stride) unpacked.resize(size_t(kUnpackNR) * panel_stride);
+                for (int32_t b0 = 0; b0 < supers; b0 += chunk) {
+                    const int32_t b1 = std::min(supers, b0 + chunk);
+                    for (int32_t j = 0; j < nr; ++j)
+                        kern.unpack(static_cast<const uint8_t *>(out.w.data) + size_t(p0 + j) * panel_bytes, b0, b1,
+                                    unpacked.data() + size_t(j) * panel_stride);
+                    const int32_t n_tiles = (m + kUnpackMR - 1) / kUnpackMR;
+                    for (int32_t tile = 0, i0 = 0; tile < n_tiles; ++tile) {
+                        const int32_t mr = m / n_tiles + (tile < m % n_tiles ? 1 : 0); // rows split evenly
+                        kern.unpacked[mr][nr](xq, k, i0, unpacked.data(), panel_stride, b0 * groups_per_super,
+                                              (b1 - b0) * groups_per_super, t.offset, b0 > 0, b1 == supers,
+                                              out.bias ? out.bias + col : nullptr, out.y + size_t(i0) * out.ldy + col,
+                                              out.ldy, n_valid);
+                        i0 += mr;
+                    }
+                }
+            }
+        }
+        return;
+    }
+#endif
     constexpr int32_t kUnitPanels = 4;
     const SharedTiles units(outs, count, m, k, kQuantPanel, kUnitPanels);
     const int32_t n_units = units.size();
-    // Each product's tiles by row count, resolved here: a worker thread must not throw.
-    std::vector<std::array<QuantTileFn, kQuantMR + 1>> tiles(static_cast<size_t>(count));
-    for (int32_t o = 0; o < count; ++o)
-        for (int mr = 1; mr <= kQuantMR; ++mr) tiles[size_t(o)][size_t(mr)] = quant_tile_for(*type_traits(outs[o].w.dtype), mr);
     // Rows of x per block: about 128 KB of int8 activations stay in L2 while a unit's panels pass.
     const int32_t m_block = std::max(kQuantMR, 128 * 1024 / std::max(k, 1) / kQuantMR * kQuantMR);
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (units.flops > 32768)
@@ -687,7 +909,7 @@ void matmul_quant(const float *x, int32_t m, int32_t k, const MatmulOut *outs, i
         const TypeTraits &t = *type_traits(out.w.dtype);
         const int32_t n = out.w.n, n_panels = (n + kQuantPanel - 1) / kQuantPanel;
         const int32_t p0 = (u - units.first[size_t(o)]) * kUnitPanels, p1 = std::min(n_panels, p0 + kUnitPanels);
-        const size_t panel_bytes = size_t(k / t.group) * quant_group_bytes(t);
+        const size_t panel_bytes = size_t(k / t.block_elems) * quant_super_bytes(t);
         for (int32_t m0 = 0; m0 < m; m0 += m_block) {
             const int32_t m1 = std::min(m, m0 + m_block);
             for (int32_t p = p0; p < p1; ++p) {
@@ -695,7 +917,7 @@ void matmul_quant(const float *x, int32_t m, int32_t k, const MatmulOut *outs, i
                 const int32_t col = p * kQuantPanel, n_valid = std::min(kQuantPanel, n - col);
                 for (int32_t i0 = m0; i0 < m1; i0 += kQuantMR) {
                     const int32_t mr = std::min(kQuantMR, m1 - i0);
-                    tiles[size_t(o)][size_t(mr)](xq, k, i0, panel, t.offset, out.bias ? out.bias + col : nullptr,
+                    kernels[size_t(o)]->tile[mr](xq, k, i0, panel, t.offset, out.bias ? out.bias + col : nullptr,
                                                  out.y + size_t(i0) * out.ldy + col, out.ldy, n_valid);
                 }
             }
