@@ -179,3 +179,46 @@ def test_default_model_is_served_from_its_gguf(default_gguf, monkeypatch, capsys
     assert capsys.readouterr().out.strip() == str(path)
     assert cli.main(["fetch-model"]) == 0
     assert capsys.readouterr().out.strip() == str(default_model_path())
+
+
+def gguf_reader_view(path: Path) -> tuple[dict, list[tuple]]:
+    """What gguf's own reader makes of a file, in read_gguf's terms."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return meta, [(t.name, t.tensor_type, tuple(t.shape.tolist()), t.n_bytes, t.data) for t in reader.tensors]
+
+
+def assert_same_as_gguf_reader(path: Path) -> None:
+    from llaisys.models.gguf_file import read_gguf
+
+    meta, tensors = read_gguf(path)
+    want_meta, want_tensors = gguf_reader_view(path)
+    assert meta == want_meta and [type(v) for v in meta.values()] == [type(v) for v in want_meta.values()]
+    assert len(tensors) == len(want_tensors)
+    for t, (name, kind, shape, n_bytes, data) in zip(tensors, want_tensors):
+        assert (t.name, t.tensor_type, t.shape, t.n_bytes) == (name, kind, shape, n_bytes)
+        assert t.data.dtype == data.dtype
+        np.testing.assert_array_equal(t.data, data)
+
+
+def test_fast_reader_reads_what_gguf_reads(tiny):
+    assert_same_as_gguf_reader(tiny[0])
+
+
+@pytest.mark.slow
+def test_fast_reader_reads_the_default_models_gguf_as_gguf_does():
+    path = Path.home() / ".cache/llaisys/qwen2.5-coder-0.5b-instruct.gguf"
+    if not path.is_file():
+        pytest.skip("the default model's GGUF is not assembled yet")
+    assert_same_as_gguf_reader(path)
+
+
+@pytest.mark.parametrize("cut", [3, 40, -100])
+def test_a_cut_or_foreign_file_is_a_load_error_naming_it(tiny, tmp_path, cut):
+    data = Path(tiny[0]).read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:cut] if cut > 3 or cut < 0 else b"PK\x03\x04" + data[4:])
+    with pytest.raises(ModelLoadError, match="bad.gguf"):
+        load_model(bad, OPTIONS)

@@ -26,6 +26,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from .gguf_file import GGUFFormatError, GGUFTensor, read_gguf
 from .qwen2 import GLOBAL_WEIGHTS, LAYER_WEIGHTS
 from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, write_safetensors
 
@@ -60,28 +61,30 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     that are not a complete Qwen2 model.
     """
     out_dir = Path(out_dir)
-    reader, meta = read_qwen2_gguf(gguf_path)
+    tensors, meta = read_qwen2_gguf(gguf_path)
     # The embedding may have more rows than the tokenizer has tokens (the
     # vocabulary is padded for efficiency); the model's vocab_size is the rows.
-    vocab_size = int({t.name: t for t in reader.tensors}["token_embd.weight"].shape[1])
-    converted = _dequantize(reader.tensors)
-    tied = _tie_embeddings(converted, {_hf_name(t.name): bits_per_weight(t) for t in reader.tensors})
+    vocab_size = int({t.name: t for t in tensors}["token_embd.weight"].shape[1])
+    converted = _dequantize(tensors)
+    tied = _tie_embeddings(converted, {_hf_name(t.name): bits_per_weight(t) for t in tensors})
     config = write_model_files(meta, out_dir, vocab_size, tied)
     _write_weights(converted, _expected_hf_names(config), out_dir / "model.safetensors")
     return out_dir
 
 
-def read_qwen2_gguf(gguf_path: str | Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
-    """The reader and metadata of a Qwen2 GGUF; GGUFConversionError for another architecture or no embedding."""
+def read_qwen2_gguf(gguf_path: str | Path) -> tuple[list[GGUFTensor], dict[str, Any]]:
+    """The tensors and metadata of a Qwen2 GGUF; GGUFConversionError for another architecture or no embedding."""
     logger.info("reading %s", gguf_path)
-    reader = gguf.GGUFReader(gguf_path)
-    meta = _read_metadata(reader)
+    try:
+        meta, tensors = read_gguf(gguf_path)
+    except GGUFFormatError as e:
+        raise GGUFConversionError(str(e)) from e
     arch = meta.get("general.architecture")
     if arch != "qwen2":
         raise GGUFConversionError(f"{gguf_path}: architecture is {arch!r}, expected 'qwen2'")
-    if not any(t.name == "token_embd.weight" for t in reader.tensors):
+    if not any(t.name == "token_embd.weight" for t in tensors):
         raise GGUFConversionError(f"{gguf_path}: no token_embd.weight tensor")
-    return reader, meta
+    return tensors, meta
 
 
 def write_model_files(meta: dict[str, Any], out_dir: Path, vocab_size: int, tied: bool) -> dict[str, Any]:
@@ -108,11 +111,6 @@ def slot_name(gguf_name: str) -> str:
     if gguf_name.endswith(".bias"):
         return gguf_name.removesuffix(".bias") + "_bias"
     return gguf_name.removesuffix(".weight")
-
-
-def _read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """All key/value fields of the GGUF header as Python values."""
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 def _require(meta: dict[str, Any], key: str) -> Any:
@@ -306,7 +304,7 @@ def _tie_embeddings(converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]
     return True
 
 
-def _dequantize(gguf_tensors: list) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+def _dequantize(gguf_tensors: list[GGUFTensor]) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
     """Every tensor dequantized to bf16 bits, by HF name."""
     converted: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
     total = len(gguf_tensors)

@@ -102,10 +102,10 @@ def gguf_text_adapter(path: str | Path) -> Qwen2Adapter:
     """The GGUF's tokenizer and chat template without its weights (model is None): for a process
     that formats and tokenizes prompts for replicas that hold the model."""
     try:
-        reader, meta = read_qwen2_gguf(Path(path))
+        tensors, meta = read_qwen2_gguf(Path(path))
     except GGUFConversionError as e:
         raise ModelLoadError(str(e)) from e
-    embedding, tied = _embedding_tensor({t.name: t for t in reader.tensors})
+    embedding, tied = _embedding_tensor({t.name: t for t in tensors})
     files = _model_files(Path(path), meta, int(embedding.shape[1]), tied)
     return Qwen2Adapter(files, read_config(files), None, load_tokenizer(files))
 
@@ -115,11 +115,10 @@ def load_gguf(path: str | Path, options: RuntimeOptions | None = None) -> Qwen2A
     path = Path(path)
     options = options or RuntimeOptions()
     try:
-        reader, meta = read_qwen2_gguf(path)
+        tensors, meta = read_qwen2_gguf(path)
     except GGUFConversionError as e:
         raise ModelLoadError(str(e)) from e
-    tensors = {t.name: t for t in reader.tensors}
-    embedding, tied = _embedding_tensor(tensors)
+    embedding, tied = _embedding_tensor({t.name: t for t in tensors})
     files = _model_files(path, meta, int(embedding.shape[1]), tied)
     config = read_config(files)
     wanted = options.weight_dtype
@@ -132,7 +131,7 @@ def load_gguf(path: str | Path, options: RuntimeOptions | None = None) -> Qwen2A
     quantize_to = wanted if wanted in QUANTIZED_DTYPES else None
     log.info("loading %s from %s", "GGUF blocks" if keep_blocks else f"{wanted} weights", path)
     slots = set(model.weight_names())
-    for tensor in reader.tensors:
+    for tensor in tensors:
         if tensor.name in ("token_embd.weight", "output.weight") and tied:
             if tensor is not embedding:
                 continue
