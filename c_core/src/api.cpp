@@ -167,7 +167,7 @@ llaisys_model *llaisysModelCreate(const char *type, const llaisys_model_params *
         for (int32_t i = 0; i < count; ++i)
             if (std::string(types[i].name) == type) {
                 model = types[i].create(p, nullptr);
-                model->type = types[i].name;
+                model->type = &types[i];
                 return LLAISYS_OK;
             }
         std::string known;
@@ -185,15 +185,9 @@ llaisys_model *llaisysModelCreateShared(const llaisys_model *source, const llais
         check_params(p);
         if (p.n_threads == 0) p.n_threads = default_threads();
         check_same_architecture(source->params, p);
-        int32_t count;
-        const ModelType *types = model_types(count);
-        for (int32_t i = 0; i < count; ++i)
-            if (types[i].name == source->type) {
-                model = types[i].create(p, source->weights);
-                model->type = types[i].name;
-                return LLAISYS_OK;
-            }
-        throw std::logic_error("the source model has no registered type");
+        model = source->type->create(p, source->weights);
+        model->type = source->type;
+        return LLAISYS_OK;
     });
     return model;
 }

@@ -13,6 +13,8 @@
 
 namespace llaisys {
 
+struct ModelType; // registry.hpp
+
 // One named weight. Matrices keep the dtype they were written in; forward() reads them through kernels.
 struct WeightSlot {
     std::string name;
@@ -59,7 +61,7 @@ struct llaisys_model : llaisys::KvTensorOps {
     ~llaisys_model() override = default;
 
     llaisys_model_params params;
-    const char *type = ""; // the registered type name, set by llaisysModelCreate
+    const llaisys::ModelType *type = nullptr; // its registry row (name, factory), set when created
     const std::shared_ptr<llaisys::WeightStore> weights;
     std::vector<llaisys::WeightSlot> &slots; // weights->slots
     llaisys::KvCells cells;
