@@ -26,14 +26,14 @@ from .base import ModelLoadError, RuntimeOptions, read_config
 from .gguf_convert import (TIE_DISTANCE, GGUFConversionError, bits_per_weight, read_qwen2_gguf, slot_name,
                            tie_distance, write_model_files)
 from .qwen2 import Qwen2Adapter, load_tokenizer, model_params
-from .requantize import QUANTIZED_DTYPES, float_dtype_of, quantizes, to_blocks
+from .requantize import GGUF_BLOCK_TYPES, QUANTIZED_DTYPES, float_dtype_of, quantizes, to_blocks
 from .safetensors_io import f32_to_bf16_bits
 
 log = logging.getLogger(__name__)
 
 QT = gguf.GGMLQuantizationType
-# GGUF tensor types the core holds as they are.
-BLOCK_TYPES = {QT.Q8_0: "q8_0", QT.Q4_0: "q4_0", QT.Q5_0: "q5_0", QT.Q4_K: "q4_k", QT.Q6_K: "q6_k"}
+# GGUF tensor types the core holds as they are -> their llaisys dtype names.
+BLOCK_TYPES = {gguf_type: name for name, gguf_type in GGUF_BLOCK_TYPES.items()}
 # Rows of the embedding and output matrices compared to decide whether output.weight copies token_embd.
 _TIE_SAMPLE_STEP = 16
 

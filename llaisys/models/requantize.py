@@ -10,8 +10,10 @@ import gguf
 import numpy as np
 
 _QT = gguf.GGMLQuantizationType
-# weight_dtype names that quantize at load -> their GGUF type.
-QUANTIZED_DTYPES = {"q8_0": _QT.Q8_0}
+# The GGUF block types the core holds, by their llaisys dtype names.
+GGUF_BLOCK_TYPES = {"q8_0": _QT.Q8_0, "q4_0": _QT.Q4_0, "q5_0": _QT.Q5_0, "q4_k": _QT.Q4_K, "q6_k": _QT.Q6_K}
+# weight_dtype names that quantize at load (with gguf's quantizer).
+QUANTIZED_DTYPES = ("q8_0",)
 # The float dtype the quantized models keep their vectors in.
 VECTOR_DTYPE = "f32"
 
@@ -23,10 +25,10 @@ def float_dtype_of(weight_dtype: str) -> str:
 
 def quantizes(shape: Sequence[int], dtype: str) -> bool:
     """Whether a tensor of this shape is quantized to dtype: a matrix whose rows are whole blocks."""
-    block = gguf.GGML_QUANT_SIZES[QUANTIZED_DTYPES[dtype]][0]
+    block = gguf.GGML_QUANT_SIZES[GGUF_BLOCK_TYPES[dtype]][0]
     return len(shape) == 2 and shape[1] % block == 0
 
 
 def to_blocks(values: np.ndarray, dtype: str) -> np.ndarray:
     """f32 matrix -> its rows as GGUF blocks of dtype (uint8, one row of blocks per matrix row)."""
-    return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), QUANTIZED_DTYPES[dtype])
+    return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), GGUF_BLOCK_TYPES[dtype])
