@@ -7,17 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
-build=build-sanitize
-if [ ! -f "$build/build.ninja" ]; then
-  meson setup "$build" -Db_sanitize=address,undefined -Dbuildtype=debugoptimized >/dev/null
-fi
-ninja -C "$build" >/dev/null
-# A package directory holding the sanitized binaries next to the Python sources.
-pkg="$PWD/$build/pkg"
-rm -rf "$pkg" && mkdir -p "$pkg"
-cp -r llaisys "$pkg/"
-cp "$build"/_core*.so "$build"/libllaisys.so "$pkg/llaisys/"
-patchelf --set-rpath '$ORIGIN' "$pkg"/llaisys/_core*.so
+pkg=$(bash scripts/build_variant.sh build-sanitize -Db_sanitize=address,undefined -Dbuildtype=debugoptimized)
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0,halt_on_error=1  # Python itself leaks by design at exit
 export UBSAN_OPTIONS=print_stacktrace=1,halt_on_error=1
