@@ -646,6 +646,8 @@ template <int S, bool kMin> struct SuperScales {
     }
 };
 
+constexpr size_t kPrefetchAhead = 1024;
+
 // MR rows of x times one panel (16 outputs) over all of k, unpacking each step's q in registers:
 // the kernel of small batches, where no unpacked weight would be used twice.
 template <int G, int kBits, int S, bool kMin, int MR>
@@ -663,6 +665,8 @@ void quant_tile(const QuantizedRows &qx, int32_t k, int32_t row0, const uint8_t 
         const SuperScales<S, kMin> scales(sb);
         for (int j = 0; j < S; ++j) {
             const uint8_t *group = sb + header + j * weight_bytes;
+            // The hardware streamers stop at page ends: ask for the panel's bytes a little ahead.
+            for (size_t line = 0; line < weight_bytes; line += 64) __builtin_prefetch(group + kPrefetchAhead + line);
             GroupRow x[MR];
             vqi dots[MR][kQHalves];
             for (int i = 0; i < MR; ++i) {
