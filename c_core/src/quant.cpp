@@ -2,6 +2,7 @@
 // Built with -ffp-contract=off (meson.build): scale * w - min must round twice, as numpy does.
 #include "quant.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "common.hpp"
@@ -133,6 +134,28 @@ struct SuperBlock {
 
 void put_u16(uint8_t *p, uint16_t v) { std::memcpy(p, &v, 2); }
 
+// One group's weights in the packed layout (quant.hpp) from its 16 rows of unsigned q, q[r][e].
+void pack_group(const TypeTraits &t, const uint8_t (*q)[32], uint8_t *out) {
+    const int32_t steps = t.group / 4, half = t.group / 8;
+    if (t.bits == 8) {
+        for (int32_t s = 0; s < steps; ++s)
+            for (int32_t r = 0; r < kQuantPanel; ++r) std::memcpy(out + (s * kQuantPanel + r) * 4, &q[r][4 * s], 4);
+        return;
+    }
+    for (int32_t s = 0; s < half; ++s)
+        for (int32_t r = 0; r < kQuantPanel; ++r)
+            for (int32_t c = 0; c < 4; ++c)
+                out[(s * kQuantPanel + r) * 4 + c] = uint8_t((q[r][4 * s + c] & 0x0F) | (q[r][4 * (s + half) + c] & 0x0F) << 4);
+    if (t.bits == 4) return;
+    uint8_t *high = out + t.group * kQuantPanel / 2;
+    for (int32_t r = 0; r < kQuantPanel; ++r)
+        for (int32_t c = 0; c < 4; ++c) {
+            uint32_t bits = 0;
+            for (int32_t s = 0; s < steps; ++s) bits |= uint32_t(q[r][4 * s + c] >> 4) << ((t.bits - 4) * s);
+            high[r * 4 + c] = uint8_t(bits);
+        }
+}
+
 } // namespace
 
 float DecodedBlock::value(int32_t e) const {
@@ -163,32 +186,32 @@ size_t quant_packed_bytes(const TypeTraits &t, int32_t n, int32_t k) {
     return panels * size_t(k / t.block_elems) * quant_super_bytes(t);
 }
 
-// A super-block spans one GGUF block: each row's block decodes straight into it.
+// A super-block spans one GGUF block: the panel's rows of it decode, then pack group by group.
 void quant_pack(const TypeTraits &t, const uint8_t *rows, int32_t n, int32_t k, uint8_t *out, int32_t n_threads) {
     const int32_t n_panels = (n + kQuantPanel - 1) / kQuantPanel, supers = k / t.block_elems;
     const size_t sbytes = quant_super_bytes(t), rbytes = row_bytes(t, k);
+    const size_t header = quant_header_bytes(t.super_groups, t.has_min), wbytes = quant_weight_bytes(t.group, t.bits);
     const SuperBlock at{t};
-    // Rows past n stay zero (the buffer comes zeroed): weight q 0, scale 0, min 0.
+    // Rows past n stay zero (the buffer comes zeroed): q 0, scale 0, min 0.
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 16)
     for (int32_t p = 0; p < n_panels; ++p) {
-        DecodedBlock dec;
-        for (int32_t r = 0; r < kQuantPanel && p * kQuantPanel + r < n; ++r) {
-            const uint8_t *row = rows + size_t(p * kQuantPanel + r) * rbytes;
-            for (int32_t b = 0; b < supers; ++b) {
-                t.decode(row + size_t(b) * size_t(t.block_bytes), dec);
-                uint8_t *sb = out + (size_t(p) * size_t(supers) + size_t(b)) * sbytes;
-                put_u16(sb + at.d(r), dec.d);
-                if (t.has_min) put_u16(sb + at.dmin(r), dec.dmin);
-                for (int32_t g = 0; g < t.super_groups; ++g) {
-                    if (t.super_groups > 1) sb[at.sc(r, g)] = uint8_t(dec.sc[g * t.group / 16]);
-                    if (t.has_min) sb[at.m(r, g)] = dec.m[g * t.group / 16];
-                    for (int32_t e = 0; e < t.group; ++e) {
-                        const uint32_t q = uint32_t(dec.w[g * t.group + e] + t.offset);
-                        const SuperBlock::Pos pos = at.q(r, g, e);
-                        sb[pos.low] = uint8_t(sb[pos.low] | (q & (t.bits == 8 ? 0xFF : 0x0F)) << pos.low_shift);
-                        if (t.bits == 5 || t.bits == 6) sb[pos.high] = uint8_t(sb[pos.high] | (q >> 4) << pos.high_shift);
-                    }
+        const int32_t valid = std::min(kQuantPanel, n - p * kQuantPanel);
+        DecodedBlock dec[kQuantPanel];
+        uint8_t q[kQuantPanel][32] = {};
+        for (int32_t b = 0; b < supers; ++b) {
+            uint8_t *sb = out + (size_t(p) * size_t(supers) + size_t(b)) * sbytes;
+            for (int32_t r = 0; r < valid; ++r) {
+                t.decode(rows + size_t(p * kQuantPanel + r) * rbytes + size_t(b) * size_t(t.block_bytes), dec[r]);
+                put_u16(sb + at.d(r), dec[r].d);
+                if (t.has_min) put_u16(sb + at.dmin(r), dec[r].dmin);
+            }
+            for (int32_t g = 0; g < t.super_groups; ++g) {
+                for (int32_t r = 0; r < valid; ++r) {
+                    if (t.super_groups > 1) sb[at.sc(r, g)] = uint8_t(dec[r].sc[g * t.group / 16]);
+                    if (t.has_min) sb[at.m(r, g)] = dec[r].m[g * t.group / 16];
+                    for (int32_t e = 0; e < t.group; ++e) q[r][e] = uint8_t(dec[r].w[g * t.group + e] + t.offset);
                 }
+                pack_group(t, q, sb + header + size_t(g) * wbytes);
             }
         }
     }
