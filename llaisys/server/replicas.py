@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import collections
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -284,11 +285,21 @@ class RemoteEngine:
 
     def stream(self, prompt: dict, params, request_id: str) -> RemoteStream:
         key = g.get("llaisys_route_key")
-        generator = self._handle.generate.remote(prompt, params, request_id, route_key=key)
+        generator = contextvars.copy_context().run(self._call, prompt, params, request_id, key)
         initial = RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"], [CompletionOutput(i, "", []) for i in range(params.n)], False,
                                 "queued", RequestMetrics(arrival_time=time.time()))
         stream = self._streams[request_id] = RemoteStream(self, generator, initial, key)
         return stream
+
+    def _call(self, prompt: dict, params, request_id: str, key: Optional[str]):
+        """The replica call, under a Serve request context of its own (run in a copied context)."""
+        from ray.serve import context
+
+        # Serve's router pairs a routed call with its pending request by the proxy's request id, which
+        # all calls of one HTTP request share: two prompts in one request would hang the second.
+        current = context._get_serve_request_context()
+        context._serve_request_context.set(dataclasses.replace(current, _internal_request_id=request_id))
+        return self._handle.generate.remote(prompt, params, request_id, route_key=key)
 
     def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
