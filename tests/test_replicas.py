@@ -6,6 +6,8 @@ Skipped only when Ray cannot start here (not when it is missing: CI installs the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -238,6 +240,36 @@ async def test_killing_a_replica_mid_stream_ends_it_with_an_error_and_others_go_
     while victim in await replica_ids(url) or len(await replica_ids(url)) < 2:
         assert time.monotonic() < deadline, "Ray Serve did not replace the killed replica"
         await asyncio.sleep(0.5)
+
+
+async def test_a_full_queue_answers_429_before_a_stream_starts(ray_serve):
+    """As from a single server: when no replica has room, a stream is refused with a 429, not an event."""
+    config = dataclasses.replace(mock_config(ray_serve.mock_dir), max_num_seqs=1, max_waiting=1)
+    url = ray_serve.serve(config)
+    try:
+        long = [await Connection.open(url, "POST", CHAT, chat(conversation(i), max_tokens=CTX - 200, ignore_eos=True,
+                                                               stream=True)) for i in range(4)]
+        assert [c.status for c in long] == [200] * 4
+        replicas = await replica_ids(url)
+        deadline = time.monotonic() + 20
+        while [replica_metric(url, r, m) for r in replicas for m in ("num_requests_running", "num_requests_waiting")
+               ] != [1] * 4:
+            assert time.monotonic() < deadline, "the four requests did not fill both replicas"
+            await asyncio.sleep(0.05)
+        # (a request queued in Serve's router instead would never answer: the wait ends that)
+        refused = await asyncio.wait_for(Connection.open(url, "POST", CHAT, chat(conversation(9), stream=True)), 20)
+        assert refused.status == 429 and refused.headers["content-type"] == "application/json"
+        assert json.loads(await refused.body())["error"]["code"] == "queue_full"
+        refused.close()
+        status, reply = await call(url, "POST", "/v1/completions", {"model": "mock", "prompt": ["a", "b"]})
+        assert status == 429 and reply["error"]["type"] == "rate_limit_error"
+        for c in long:
+            c.close()
+        for r in replicas:
+            await assert_idle(url, r)
+        assert (await call(url, "POST", CHAT, chat(conversation(9))))[0] == 200
+    finally:
+        ray_serve.stop_serving()  # the next test serves the module's configuration again
 
 
 async def test_bad_input_gets_openai_shaped_errors_through_the_ingress(url):

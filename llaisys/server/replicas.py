@@ -15,8 +15,10 @@ The proxy hands the ingress bytes, so routing by content happens on the ingress'
 
 Routing: a conversation is the request's `user` field, else its system prompt + first user message;
 it stays on the replica that served it last (whose prefix cache holds it) unless that replica has
-more than `imbalance` requests in flight beyond the least-loaded one (then it moves there), or is
-gone (then it moves, and only it). Needs the `serve` extra (`pip install 'llaisys[serve]'`).
+more than `imbalance` requests in flight beyond the least-loaded one, or is full (then it moves to
+the least-loaded), or is gone (then it moves, and only it). A request no replica has room for gets
+the 429 of the least-loaded replica's engine, as from a single server.
+Needs the `serve` extra (`pip install 'llaisys[serve]'`).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from quart import Response, g, request
 
 from ..engine import AsyncLLM, EngineClosedError, EngineOverloadedError, EngineStats, RequestOutput
 from ..engine.llm_engine import chat_text, check_ids, prompt_ids
-from ..engine.outputs import CompletionOutput, RequestMetrics
+from ..engine.outputs import CompletionOutput, OutputAccumulator, RequestMetrics
 from .app import create_app
 from .config import ServerConfig
 from .errors import APIError
@@ -225,29 +227,34 @@ class RemoteStream:
     def __aiter__(self) -> "RemoteStream":
         return self
 
-    async def __anext__(self) -> RequestOutput:
-        from ..engine.outputs import OutputAccumulator
+    async def _receive(self) -> Any:
+        """The replica's next message; its failure as the API error a client sees."""
+        try:
+            return await self._generator.__anext__()
+        except StopAsyncIteration:
+            raise replica_error(RuntimeError("the replica's stream ended early")) from None
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except Exception as e:
+            log.warning("request %s on replica %s: %s: %s", self.request_id, self.replica, type(e).__name__, e)
+            raise replica_error(e) from e
 
+    async def admitted(self) -> None:
+        """Once a replica has taken the request (its first message: replica id and initial output);
+        APIError 429 when its queue is full, as a single server answers before a stream starts."""
+        if not self._started:
+            self.replica, self._output = await self._receive()
+            ROUTING.observe(self._route_key, self.replica)
+            self._accumulator = OutputAccumulator(self._output)
+            self._started = True
+
+    async def __anext__(self) -> RequestOutput:
+        await self.admitted()
         while not self._ready:
             if self.finished:
                 raise StopAsyncIteration
-            try:
-                message = await self._generator.__anext__()
-            except StopAsyncIteration:
-                raise replica_error(RuntimeError("the replica's stream ended early")) from None
-            except asyncio.CancelledError:
-                self.cancel()
-                raise
-            except Exception as e:
-                log.warning("request %s on replica %s: %s: %s", self.request_id, self.replica, type(e).__name__, e)
-                raise replica_error(e) from e
-            if not self._started:
-                self.replica, self._output = message
-                ROUTING.observe(self._route_key, self.replica)
-                self._accumulator = OutputAccumulator(self._output)
-                self._started = True
-            else:
-                self._ready.extend(message)
+            self._ready.extend(await self._receive())
         delta = self._ready.popleft()
         self._accumulator.add(delta)
         return delta
@@ -406,16 +413,18 @@ def build_application(config: ServerConfig, replicas: int, threads: int, router:
     if router not in ("conversation", "pow2"):
         raise ValueError(f"router must be 'conversation' or 'pow2', got {router!r}")
     replica_config = dataclasses.replace(config, n_threads=threads)
+    capacity = config.max_num_seqs + config.max_waiting  # requests a replica's engine admits at once
     routing = RequestRouterConfig(request_router_class="llaisys.server.ray_router.ConversationRouter",
-                                  request_router_kwargs={"imbalance": imbalance}) if router == "conversation" \
-        else RequestRouterConfig()
-    per_replica = config.max_num_seqs + config.max_waiting  # beyond it, the replica's own 429s
+                                  request_router_kwargs={"imbalance": imbalance, "capacity": capacity}) \
+        if router == "conversation" else RequestRouterConfig()
+    # Twice the capacity: Serve hands the excess on rather than queueing it, and the replica's engine
+    # refuses it (a 429 before the answer starts, as a single server gives).
     replica = serve.deployment(LlaisysReplica, name="LlaisysReplica", num_replicas=replicas,
-                               ray_actor_options={"num_cpus": threads}, max_ongoing_requests=per_replica,
+                               ray_actor_options={"num_cpus": threads}, max_ongoing_requests=2 * capacity,
                                request_router_config=routing, health_check_period_s=2,
                                graceful_shutdown_timeout_s=5)
     ingress = serve.deployment(serve.ingress()(LlaisysIngress), name="LlaisysIngress",
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=replicas * per_replica)
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2 * replicas * capacity)
     return ingress.bind(replica_config, replica.bind(replica_config))
 
 
