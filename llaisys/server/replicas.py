@@ -487,14 +487,14 @@ def _wait_ready(url: str, timeout: float) -> None:
 
 
 def run_replicas(config: ServerConfig, replicas: int, threads: Optional[int], host: str, port: int,
-                 address: Optional[str]) -> None:
+                 address: Optional[str], router: Optional[str] = None) -> None:
     """`llaisys serve --replicas N`: serve until SIGINT or SIGTERM."""
     import signal
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with serve_replicas(config, replicas, threads, host, port, address) as url:
+    with serve_replicas(config, replicas, threads, host, port, address, router or "conversation") as url:
         log.info("chat page and API at %s/", url)
         stop.wait()
         log.info("shutting down the replicas")
