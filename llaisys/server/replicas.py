@@ -451,8 +451,9 @@ def serve_replicas(config: ServerConfig, replicas: int = 2, threads: Optional[in
         if address is None and replicas * threads > (os.cpu_count() or 1):
             log.warning("%d replicas x %d threads oversubscribe the %d cores", replicas, threads, os.cpu_count())
         log.info("starting %s", f"a connection to Ray at {address}" if address else "a local Ray instance")
-        ray.init(address=address, num_cpus=None if address else replicas * threads, include_dashboard=False,
-                 object_store_memory=None if address else 128 << 20, _temp_dir=ray_temp_dir,
+        # "local": a Ray of our own even where someone's `ray start` left a cluster to auto-join.
+        ray.init(address=address or "local", num_cpus=None if address else replicas * threads,
+                 include_dashboard=False, object_store_memory=None if address else 128 << 20, _temp_dir=ray_temp_dir,
                  logging_level=logging.WARNING, log_to_driver=True)
     try:
         serve.start(http_options={"host": host, "port": port})
