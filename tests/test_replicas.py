@@ -69,6 +69,7 @@ class RayServe:
 
             serve.shutdown()
             ray.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def mock_config(mock_dir: Path) -> ServerConfig:
@@ -317,4 +318,3 @@ def test_shutdown_leaves_no_ray_process_behind(ray_serve):
     while ray_processes(ray_serve.temp_dir):
         assert time.monotonic() < deadline, f"left behind: {ray_processes(ray_serve.temp_dir)[:3]}"
         time.sleep(0.5)
-    shutil.rmtree(ray_serve.temp_dir, ignore_errors=True)
