@@ -340,6 +340,7 @@ class Result:
     ttft_follow_up: np.ndarray  # TTFT of turns after a conversation's first
     hit_rate: float  # cached / prompt tokens of the completed requests
     optimum: float  # the best hit rate any cache could reach on them
+    routing_hit_rate: float = float("nan")  # replicas: follow-ups routed to their conversation's replica (/replicas)
 
 
 def summarize(server: str, clients: int, records: list[Record], t0: float, t1: float) -> Result:
@@ -424,10 +425,11 @@ def print_results(results: list[Result], args) -> None:
     print(f"\n{args.duration:g} s measured after {args.warmup:g} s of warmup, temperature {args.temperature:g}, "
           f"seed {args.seed}, {turns} turn(s) per conversation{', a shared system prompt' if args.system_prompt else ''}"
           f", best tokens/s of {args.rounds} round(s); times in ms, prompt = mean prompt tokens, hit = cached / "
-          f"prompt tokens (opt = the best any cache could do), TTFT 2+ = follow-up turns")
+          f"prompt tokens (opt = the best any cache could do), TTFT 2+ = follow-up turns, route = replicas' "
+          f"routing hit rate since start")
     print(f"{'server':<{w}} {'N':>3} {'done':>5} {'drained':>7} {'req/s':>6} {'tok/s':>7} {'tok/req':>7} "
           f"{'prompt':>6} {'hit':>5} {'opt':>5} {'TTFT p50':>9} {'p99':>7} {'2+ p50':>7} {'p99':>7} {'ITL p50':>8} "
-          f"{'p99':>7} {'TPOT p50':>9} errors")
+          f"{'p99':>7} {'TPOT p50':>9} {'route':>5} errors")
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         print(f"{r.server:<{w}} {r.clients:3d} {r.completed:5d} {r.drained:7d} {num(r.requests_per_s, 6, 2)} "
@@ -435,7 +437,8 @@ def print_results(results: list[Result], args) -> None:
               f"{num(100 * r.hit_rate, 4, 0, '%')} {num(100 * r.optimum, 4, 0, '%')} "
               f"{num(pct(r.ttft, 50), 9)} {num(pct(r.ttft, 99), 7)} "
               f"{num(pct(r.ttft_follow_up, 50), 7)} {num(pct(r.ttft_follow_up, 99), 7)} "
-              f"{num(pct(r.itl, 50), 8)} {num(pct(r.itl, 99), 7)} {num(pct(r.tpot, 50), 9)} {errors}")
+              f"{num(pct(r.itl, 50), 8)} {num(pct(r.itl, 99), 7)} {num(pct(r.tpot, 50), 9)} "
+              f"{num(100 * r.routing_hit_rate, 4, 0, '%')} {errors}")
 
 
 def print_ratios(results: list[Result], peer: str) -> None:
@@ -453,6 +456,15 @@ def print_ratios(results: list[Result], peer: str) -> None:
               f"{ratio(pct(a.ttft_follow_up, 50), pct(b.ttft_follow_up, 50), 7)} "
               f"{ratio(pct(a.ttft_follow_up, 99), pct(b.ttft_follow_up, 99), 7)} "
               f"{ratio(pct(a.itl, 50), pct(b.itl, 50), 8)} {ratio(pct(a.itl, 99), pct(b.itl, 99), 8)}")
+
+
+def routing_hit_rate(server: Server) -> float:
+    """A replicated llaisys's routing hit rate since it started (GET /replicas); NaN for other servers."""
+    try:
+        status, body = get_json(f"{server.base_url}/replicas")
+    except (OSError, ValueError):
+        return float("nan")
+    return body["routing_hit_rate"] if status == 200 else float("nan")
 
 
 def shared_system_tokens(server: Server, system: str) -> int:
@@ -514,6 +526,7 @@ def main() -> None:
                     records, t0, t1 = asyncio.run(load(s, n, args.warmup, args.duration, args.seed,
                                                        args.temperature, args.timeout, turns, system, shared))
                     res = summarize(s.name, n, records, t0, t1)
+                    res.routing_hit_rate = routing_hit_rate(s)
                     log.info("round %d/%d: %s N=%d: %.1f tok/s, %.2f req/s, %d errors", r + 1, args.rounds, s.name,
                              n, res.tokens_per_s, res.requests_per_s, sum(res.errors.values()))
                     key = (s.name, n)

@@ -78,10 +78,10 @@ def cmd_serve(args) -> int:
     if args.replicas:
         from .server.replicas import run_replicas
 
-        run_replicas(config, args.replicas, args.threads, args.host, args.port, args.address)
+        run_replicas(config, args.replicas, args.threads, args.host, args.port, args.address, args.router)
         return 0
-    if args.address:
-        raise ValueError("--address (a Ray cluster) needs --replicas")
+    if args.address or args.router:
+        raise ValueError("--address (a Ray cluster) and --router need --replicas")
     hyper = Config()
     hyper.bind = [f"{args.host}:{args.port}"]
     hyper.accesslog = "-" if args.verbose else None
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "API, each conversation kept on its replica (needs the 'serve' extra)")
     srv.add_argument("--address", default=None, help="with --replicas: the Ray cluster to join (default: start a "
                      "local Ray instance, stopped on exit)")
+    srv.add_argument("--router", choices=["conversation", "pow2"], default=None, help="with --replicas: keep each "
+                     "conversation on its replica (conversation, the default) or Ray Serve's own power-of-two choices")
     srv.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default=None)
     srv.add_argument("--weight-dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None)
     srv.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt in full")

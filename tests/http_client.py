@@ -21,6 +21,19 @@ class Connection:
                    headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None,
                    content_length: Optional[int] = None) -> "Connection":
         """content_length: announce this body length instead of the real one (to test size limits)."""
+        conn = await cls.send(base_url, method, path, body, headers, raw, content_length)
+        try:
+            await conn.read_head()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @classmethod
+    async def send(cls, base_url: str, method: str, path: str, body: Any = None,
+                   headers: Optional[dict[str, str]] = None, raw: Optional[bytes] = None,
+                   content_length: Optional[int] = None) -> "Connection":
+        """The request sent, its answer not read yet (read_head reads the status line and headers)."""
         url = urlsplit(base_url)
         reader, writer = await asyncio.open_connection(url.hostname, url.port or 80)
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
@@ -30,15 +43,16 @@ class Connection:
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
         await writer.drain()
-        conn = cls(reader, writer)
-        status_line = await reader.readline()
+        return cls(reader, writer)
+
+    async def read_head(self) -> None:
+        status_line = await self.reader.readline()
         if len(status_line.split()) < 2:
-            raise ConnectionError(f"{base_url} closed the connection without an answer")
-        conn.status = int(status_line.split()[1])
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            raise ConnectionError("the server closed the connection without an answer")
+        self.status = int(status_line.split()[1])
+        while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
             name, _, value = line.decode().partition(":")
-            conn.headers[name.strip().lower()] = value.strip()
-        return conn
+            self.headers[name.strip().lower()] = value.strip()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (chunked transfer decoded)."""

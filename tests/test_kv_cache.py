@@ -3,7 +3,7 @@ observed through the mock model: used cells, pos_max / pos_min, return codes and
 which are a known function of a sequence's cached (token, position) pairs (c_core/src/mock.cpp).
 
 The second half is a hypothesis state machine that drives random decodes and sequence operations
-against a pure-Python model of the cell cache (kv_cells.cpp semantics).
+against a pure-Python model of the cell cache (kv_cell_model.py).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from llaisys.core import Batch, InvalidArgumentError, KVCacheFullError, LlaisysError, Model
 
+from kv_cell_model import CellModel
 from mock_oracle import mock_row
 
 V = 29
@@ -419,137 +420,6 @@ P_CTX, P_SEQ, P_BATCH, P_VOCAB = 8, 3, 4, 13
 P_BIAS = np.random.default_rng(3).standard_normal(P_VOCAB).astype(np.float32)
 
 
-class CellModel:
-    """kv_cells.cpp in Python: each cell is None (free) or [pos, set of seqs, token]."""
-
-    def __init__(self):
-        self.cells: list = [None] * P_CTX
-
-    @property
-    def used(self) -> int:
-        return sum(c is not None for c in self.cells)
-
-    def of(self, s):
-        return [i for i, c in enumerate(self.cells) if c is not None and s in c[1]]
-
-    def pos_max(self, s):
-        if not 0 <= s < P_SEQ:
-            return -1
-        return max((self.cells[i][0] for i in self.of(s)), default=-1)
-
-    def pos_min(self, s):
-        if not 0 <= s < P_SEQ:
-            return -1
-        return min((self.cells[i][0] for i in self.of(s)), default=-1)
-
-    def find_free(self, n):
-        free = [i for i, c in enumerate(self.cells) if c is None]
-        return free[:n] if len(free) >= n else None
-
-    @staticmethod
-    def norm(p0, p1):
-        return (0 if p0 < 0 else p0), (2 ** 31 - 1 if p1 < 0 else p1)
-
-    def decode(self, tokens, pos, seqs, mask):
-        """Returns (code, expected logits rows)."""
-        n = len(tokens)
-        if not 1 <= n <= P_BATCH:
-            return -1, None
-        nxt = {}
-        positions = []
-        for i in range(n):
-            if not 0 <= tokens[i] < P_VOCAB:
-                return -1, None
-            ss = seqs[i]
-            for k, s in enumerate(ss):
-                if not 0 <= s < P_SEQ or s in ss[:k]:
-                    return -1, None
-                nxt.setdefault(s, self.pos_max(s) + 1)
-            p = pos[i] if pos is not None else nxt[ss[0]]
-            for s in ss:
-                if p != nxt[s]:
-                    return -1, None
-                nxt[s] = p + 1
-            positions.append(p)
-        free = self.find_free(n)
-        if free is None:
-            return 1, None
-        for i in range(n):
-            self.cells[free[i]] = [positions[i], set(seqs[i]), tokens[i]]
-        out = [i == n - 1 for i in range(n)] if mask is None else mask
-        rows = []
-        for i in range(n):
-            if out[i]:
-                s = seqs[i][0]
-                history = [(self.cells[c][2], self.cells[c][0]) for c in self.of(s)]
-                rows.append(mock_row(P_BIAS, history, positions[i]))
-        return 0, (np.stack(rows) if rows else np.empty((0, P_VOCAB), np.float32))
-
-    def rm(self, seq, p0, p1):
-        if seq >= P_SEQ:
-            return -1
-        p0, p1 = self.norm(p0, p1)
-        for i, c in enumerate(self.cells):
-            if c is None or not p0 <= c[0] < p1:
-                continue
-            if seq < 0:
-                self.cells[i] = None
-            elif seq in c[1]:
-                c[1].discard(seq)
-                if not c[1]:
-                    self.cells[i] = None
-        return 1
-
-    def cp(self, src, dst, p0, p1):
-        if not (0 <= src < P_SEQ and 0 <= dst < P_SEQ):
-            return -1
-        p0, p1 = self.norm(p0, p1)
-        for c in self.cells:
-            if c is not None and p0 <= c[0] < p1 and src in c[1]:
-                c[1].add(dst)
-        return 0
-
-    def keep(self, seq):
-        if not 0 <= seq < P_SEQ:
-            return -1
-        for i, c in enumerate(self.cells):
-            if c is None:
-                continue
-            if seq in c[1]:
-                c[1] = {seq}
-            else:
-                self.cells[i] = None
-        return 0
-
-    def add(self, seq, p0, p1, delta):
-        if not 0 <= seq < P_SEQ:
-            return -1
-        p0, p1 = self.norm(p0, p1)
-        if delta == 0:
-            return 0
-        targets = [i for i, c in enumerate(self.cells) if c is not None and p0 <= c[0] < p1 and seq in c[1]]
-        copies = sum(1 for i in targets if len(self.cells[i][1]) > 1 and self.cells[i][0] + delta >= 0)
-        spare = self.find_free(copies)
-        if spare is None:
-            return 1
-        spare = list(spare)
-        for i in targets:
-            c = self.cells[i]
-            moved = c[0] + delta
-            if len(c[1]) > 1:  # shared: seq gets its own moved copy, the others keep the cell
-                c[1].discard(seq)
-                if moved >= 0:
-                    self.cells[spare.pop(0)] = [moved, {seq}, c[2]]
-            elif moved < 0:
-                self.cells[i] = None
-            else:
-                c[0] = moved
-        return 0
-
-    def clear(self):
-        self.cells = [None] * P_CTX
-
-
 # mostly valid ids (3 in 4), sometimes negative ones (rm: "every sequence") or the first invalid one
 _ODD_SEQS = [-1, -2, P_SEQ]
 seq_any = st.integers(0, 4 * P_SEQ - 1).map(lambda x: x % P_SEQ if x < 3 * P_SEQ else _ODD_SEQS[x % 3])
@@ -563,7 +433,7 @@ class KvCacheMachine(RuleBasedStateMachine):
         super().__init__()
         self.m = Model("mock", n_vocab=P_VOCAB, n_ctx=P_CTX, n_seq_max=P_SEQ, n_batch=P_BATCH, weight_dtype="f32")
         self.m.replace_weight("logit_bias", P_BIAS)
-        self.ref = CellModel()
+        self.ref = CellModel(P_CTX, P_SEQ, P_BATCH, P_BIAS)
         self.logits = np.empty((0, P_VOCAB), np.float32)
         self.output_ids: list[int] = []
 

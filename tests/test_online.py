@@ -422,6 +422,9 @@ async def test_a_full_queue_answers_429(mock_dir):
         status, reply = await call(url, "POST", CHAT, chat_body())
         assert status == 429 and reply["error"]["type"] == "rate_limit_error"
         assert (await call(url, "POST", COMPLETIONS, {"prompt": ["a", "b"]}))[0] == 429
+        refused = await Connection.open(url, "POST", CHAT, chat_body(stream=True))  # before the stream starts
+        assert refused.status == 429 and json.loads(await refused.body())["error"]["code"] == "queue_full"
+        refused.close()
         running.close()
         waiting.close()
         await assert_idle(url)

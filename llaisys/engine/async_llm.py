@@ -259,6 +259,10 @@ class RequestStream:
         self._accumulator.add(delta)
         return delta
 
+    async def admitted(self) -> None:
+        """Returns once the engine has taken the request: at once here (stream() admits or raises);
+        a remote engine's stream waits for its replica, which may refuse it (EngineOverloadedError)."""
+
     def take_ready(self) -> list[RequestOutput]:
         """The increments already delivered, without waiting: for a caller that forwards them in
         batches over a slower hop (a replica to its ingress)."""

@@ -221,7 +221,7 @@ def create_app(config: Optional[ServerConfig] = None, service: Optional[ModelSer
             prompts = [await tokenized(engine, p, prompt_param) for p in gen.prompts]
         for _, ids in prompts:
             check_length(len(ids), gen.params.max_tokens, engine.max_model_len, prompt_param)
-        streams = submit(engine, gen, prompts, builder.id)
+        streams = await submit(engine, gen, prompts, builder.id)
         if gen.stream:
             return Response(sse_events(builder, streams), content_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -259,15 +259,18 @@ def create_app(config: Optional[ServerConfig] = None, service: Optional[ModelSer
             raise bad_request(str(e), param=param)
         return None, ids
 
-    def submit(engine: AsyncLLM, gen: GenerationRequest, prompts: list[tuple[Optional[str], list[int]]],
-               call_id: str) -> list[RequestStream]:
-        """One engine request per tokenized prompt; all or none (a refused one cancels those already submitted)."""
+    async def submit(engine: AsyncLLM, gen: GenerationRequest, prompts: list[tuple[Optional[str], list[int]]],
+                     call_id: str) -> list[RequestStream]:
+        """One engine request per tokenized prompt, each admitted before the answer starts (so that a
+        full queue is a 429 for streams too); all or none (a refused one cancels those already submitted)."""
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
                 streams.append(engine.stream({"prompt": text, "prompt_token_ids": ids}, gen.params,
                                              request_id=f"{call_id}-{i}"))
-        except Exception as e:
+            for s in streams:
+                await s.admitted()
+        except BaseException as e:
             for s in streams:
                 engine.abort(s.request_id)
             if isinstance(e, EngineOverloadedError):

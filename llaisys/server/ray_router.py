@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+from typing import Optional
 
 from ray.serve.request_router import RequestRouter
 
@@ -11,13 +12,15 @@ ROUTERS: list = []  # the routers made in this process (one per deployment handl
 
 
 class ConversationRouter(RequestRouter):
-    """Sticky by conversation, spilling to the least-loaded replica beyond `imbalance` (see the module doc).
+    """Sticky by conversation, spilling to the least-loaded replica beyond `imbalance` or when its own
+    holds `capacity` requests (see replicas.py's module doc).
 
     A request may name a replica (kwargs["replica"], its unique id): it goes there or nowhere.
     """
 
-    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE) -> None:
+    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, capacity: Optional[int] = None) -> None:
         self.imbalance = imbalance
+        self.capacity = capacity
         self.owner: collections.OrderedDict[str, str] = collections.OrderedDict()  # conversation -> replica
         self.owned: collections.Counter = collections.Counter()  # replica unique id -> conversations
         # By name: Serve may ship this class by value, with a copy of this module's globals.
@@ -40,10 +43,15 @@ class ConversationRouter(RequestRouter):
         key = pending_request.kwargs.get("route_key")
         before = self.owner.get(key) if key else None
         mine = next((r for r in candidate_replicas if r.replica_id.unique_id == before), None)
-        chosen = mine if mine is not None and self.load(mine) - self.load(by_load[0]) <= self.imbalance else by_load[0]
+        chosen = mine if mine is not None and self.keeps(mine, by_load[0]) else by_load[0]
         if key:
             self.remember(key, before, chosen.replica_id.unique_id)
         return [[chosen], [r for r in by_load if r is not chosen]]
+
+    def keeps(self, mine, least) -> bool:
+        """Whether a conversation stays on its replica, given the least-loaded one."""
+        full = self.capacity is not None and self.load(mine) >= self.capacity > self.load(least)
+        return not full and self.load(mine) - self.load(least) <= self.imbalance
 
     def remember(self, key: str, before, chosen: str) -> None:
         if before != chosen:

@@ -15,8 +15,10 @@ The proxy hands the ingress bytes, so routing by content happens on the ingress'
 
 Routing: a conversation is the request's `user` field, else its system prompt + first user message;
 it stays on the replica that served it last (whose prefix cache holds it) unless that replica has
-more than `imbalance` requests in flight beyond the least-loaded one (then it moves there), or is
-gone (then it moves, and only it). Needs the `serve` extra (`pip install 'llaisys[serve]'`).
+more than `imbalance` requests in flight beyond the least-loaded one, or is full (then it moves to
+the least-loaded), or is gone (then it moves, and only it). A request no replica has room for gets
+the 429 of the least-loaded replica's engine, as from a single server.
+Needs the `serve` extra (`pip install 'llaisys[serve]'`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import asyncio
 import dataclasses
 import collections
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -40,7 +43,7 @@ from quart import Response, g, request
 
 from ..engine import AsyncLLM, EngineClosedError, EngineOverloadedError, EngineStats, RequestOutput
 from ..engine.llm_engine import chat_text, check_ids, prompt_ids
-from ..engine.outputs import CompletionOutput, RequestMetrics
+from ..engine.outputs import CompletionOutput, OutputAccumulator, RequestMetrics
 from .app import create_app
 from .config import ServerConfig
 from .errors import APIError
@@ -224,29 +227,34 @@ class RemoteStream:
     def __aiter__(self) -> "RemoteStream":
         return self
 
-    async def __anext__(self) -> RequestOutput:
-        from ..engine.outputs import OutputAccumulator
+    async def _receive(self) -> Any:
+        """The replica's next message; its failure as the API error a client sees."""
+        try:
+            return await self._generator.__anext__()
+        except StopAsyncIteration:
+            raise replica_error(RuntimeError("the replica's stream ended early")) from None
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except Exception as e:
+            log.warning("request %s on replica %s: %s: %s", self.request_id, self.replica, type(e).__name__, e)
+            raise replica_error(e) from e
 
+    async def admitted(self) -> None:
+        """Once a replica has taken the request (its first message: replica id and initial output);
+        APIError 429 when its queue is full, as a single server answers before a stream starts."""
+        if not self._started:
+            self.replica, self._output = await self._receive()
+            ROUTING.observe(self._route_key, self.replica)
+            self._accumulator = OutputAccumulator(self._output)
+            self._started = True
+
+    async def __anext__(self) -> RequestOutput:
+        await self.admitted()
         while not self._ready:
             if self.finished:
                 raise StopAsyncIteration
-            try:
-                message = await self._generator.__anext__()
-            except StopAsyncIteration:
-                raise replica_error(RuntimeError("the replica's stream ended early")) from None
-            except asyncio.CancelledError:
-                self.cancel()
-                raise
-            except Exception as e:
-                log.warning("request %s on replica %s: %s: %s", self.request_id, self.replica, type(e).__name__, e)
-                raise replica_error(e) from e
-            if not self._started:
-                self.replica, self._output = message
-                ROUTING.observe(self._route_key, self.replica)
-                self._accumulator = OutputAccumulator(self._output)
-                self._started = True
-            else:
-                self._ready.extend(message)
+            self._ready.extend(await self._receive())
         delta = self._ready.popleft()
         self._accumulator.add(delta)
         return delta
@@ -284,11 +292,21 @@ class RemoteEngine:
 
     def stream(self, prompt: dict, params, request_id: str) -> RemoteStream:
         key = g.get("llaisys_route_key")
-        generator = self._handle.generate.remote(prompt, params, request_id, route_key=key)
+        generator = contextvars.copy_context().run(self._call, prompt, params, request_id, key)
         initial = RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"], [CompletionOutput(i, "", []) for i in range(params.n)], False,
                                 "queued", RequestMetrics(arrival_time=time.time()))
         stream = self._streams[request_id] = RemoteStream(self, generator, initial, key)
         return stream
+
+    def _call(self, prompt: dict, params, request_id: str, key: Optional[str]):
+        """The replica call, under a Serve request context of its own (run in a copied context)."""
+        from ray.serve import context
+
+        # Serve's router pairs a routed call with its pending request by the proxy's request id, which
+        # all calls of one HTTP request share: two prompts in one request would hang the second.
+        current = context._get_serve_request_context()
+        context._serve_request_context.set(dataclasses.replace(current, _internal_request_id=request_id))
+        return self._handle.generate.remote(prompt, params, request_id, route_key=key)
 
     def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -395,16 +413,18 @@ def build_application(config: ServerConfig, replicas: int, threads: int, router:
     if router not in ("conversation", "pow2"):
         raise ValueError(f"router must be 'conversation' or 'pow2', got {router!r}")
     replica_config = dataclasses.replace(config, n_threads=threads)
+    capacity = config.max_num_seqs + config.max_waiting  # requests a replica's engine admits at once
     routing = RequestRouterConfig(request_router_class="llaisys.server.ray_router.ConversationRouter",
-                                  request_router_kwargs={"imbalance": imbalance}) if router == "conversation" \
-        else RequestRouterConfig()
-    per_replica = config.max_num_seqs + config.max_waiting  # beyond it, the replica's own 429s
+                                  request_router_kwargs={"imbalance": imbalance, "capacity": capacity}) \
+        if router == "conversation" else RequestRouterConfig()
+    # Twice the capacity: Serve hands the excess on rather than queueing it, and the replica's engine
+    # refuses it (a 429 before the answer starts, as a single server gives).
     replica = serve.deployment(LlaisysReplica, name="LlaisysReplica", num_replicas=replicas,
-                               ray_actor_options={"num_cpus": threads}, max_ongoing_requests=per_replica,
+                               ray_actor_options={"num_cpus": threads}, max_ongoing_requests=2 * capacity,
                                request_router_config=routing, health_check_period_s=2,
                                graceful_shutdown_timeout_s=5)
     ingress = serve.deployment(serve.ingress()(LlaisysIngress), name="LlaisysIngress",
-                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=replicas * per_replica)
+                               ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2 * replicas * capacity)
     return ingress.bind(replica_config, replica.bind(replica_config))
 
 
@@ -431,8 +451,9 @@ def serve_replicas(config: ServerConfig, replicas: int = 2, threads: Optional[in
         if address is None and replicas * threads > (os.cpu_count() or 1):
             log.warning("%d replicas x %d threads oversubscribe the %d cores", replicas, threads, os.cpu_count())
         log.info("starting %s", f"a connection to Ray at {address}" if address else "a local Ray instance")
-        ray.init(address=address, num_cpus=None if address else replicas * threads, include_dashboard=False,
-                 object_store_memory=None if address else 128 << 20, _temp_dir=ray_temp_dir,
+        # "local": a Ray of our own even where someone's `ray start` left a cluster to auto-join.
+        ray.init(address=address or "local", num_cpus=None if address else replicas * threads,
+                 include_dashboard=False, object_store_memory=None if address else 128 << 20, _temp_dir=ray_temp_dir,
                  logging_level=logging.WARNING, log_to_driver=True)
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -467,14 +488,14 @@ def _wait_ready(url: str, timeout: float) -> None:
 
 
 def run_replicas(config: ServerConfig, replicas: int, threads: Optional[int], host: str, port: int,
-                 address: Optional[str]) -> None:
+                 address: Optional[str], router: Optional[str] = None) -> None:
     """`llaisys serve --replicas N`: serve until SIGINT or SIGTERM."""
     import signal
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with serve_replicas(config, replicas, threads, host, port, address) as url:
+    with serve_replicas(config, replicas, threads, host, port, address, router or "conversation") as url:
         log.info("chat page and API at %s/", url)
         stop.wait()
         log.info("shutting down the replicas")
