@@ -478,8 +478,7 @@ void quantize_rows(const float *x, int32_t m, int32_t k, QuantizedRows &qx, int3
     typedef int8_t v16i8 __attribute__((vector_size(16)));
 #pragma omp parallel for num_threads(n_threads) if (int64_t(m) * k > 65536)
     for (int64_t b = 0; b < int64_t(blocks); ++b) {
-        v16f half[2];
-        std::memcpy(half, x + b * 32, sizeof half);
+        const v16f half[2] = {F32::load(x + b * 32), F32::load(x + b * 32 + kLanes)};
         const v16f a = v16f(v16u32(half[0]) & 0x7fffffffu), c = v16f(v16u32(half[1]) & 0x7fffffffu); // |x|
         const float amax = max_lanes(a > c ? a : c);
         const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
