@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import collections
+import copy
 import contextlib
 import contextvars
 import hashlib
@@ -185,7 +186,9 @@ class LlaisysReplica:
         llm = await self._engine()
         stream = llm.stream(prompt, params, request_id)
         async with stream:
-            yield self.replica_id, stream.output()
+            # A snapshot: Serve may serialize a yielded value after the generator has moved on, and
+            # the stream's output object keeps accumulating (the first token would arrive twice).
+            yield self.replica_id, copy.deepcopy(stream.output())
             async for delta in stream:
                 yield [delta, *stream.take_ready()]
 
