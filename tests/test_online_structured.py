@@ -81,6 +81,13 @@ def test_a_forced_call_is_a_valid_call_streamed_or_not(client, choice, names):
         final = stream.get_final_completion()
     assert weather_calls(final.choices[0].message) == [(name, args)]
     assert final.choices[0].finish_reason == "tool_calls"
+    # Streamed in pieces: the first names the call, the rest carry its arguments as they are written.
+    chunks = list(client.chat.completions.create(stream=True, **body))
+    pieces = [p for ch in chunks for c in ch.choices for p in c.delta.tool_calls or []]
+    assert pieces[0].id.startswith("call_") and pieces[0].type == "function" and pieces[0].function.name == name
+    assert len(pieces) > 3 and all(p.index == 0 and p.id is None and p.function.name is None for p in pieces[1:])
+    assert json.loads("".join(p.function.arguments for p in pieces)) == args
+    assert not any(c.delta.content for ch in chunks for c in ch.choices)
 
 
 def test_parallel_forced_calls_may_be_several(client):

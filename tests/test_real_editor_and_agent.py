@@ -75,7 +75,11 @@ def test_real_weather_tool_round_trip(client, stream):
     body = dict(model="qwen", messages=ASK, tools=[WEATHER], temperature=0, max_tokens=40)
     if stream:
         with client.beta.chat.completions.stream(**body) as s:
+            events = list(s)
             reply = s.get_final_completion()
+        # The call streams in pieces (its name, then its arguments as the model writes them), no markup.
+        assert sum(e.type == "tool_calls.function.arguments.delta" for e in events) > 2, events
+        assert not any(e.type == "content.delta" and e.delta for e in events), events
     else:
         reply = client.chat.completions.create(**body)
     choice = reply.choices[0]
