@@ -61,7 +61,12 @@ def test_a_forced_function_call_and_its_result_in_the_next_input(client):
     jsonschema.validate(json.loads(call_item.arguments), TIME["parameters"])
     with client.responses.stream(model="mock", input="What time is it?", tools=[TIME], tool_choice="required",
                                  max_output_tokens=120, temperature=0) as stream:
+        events = list(stream)
         final = stream.get_final_response()
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(i.type, i.name, i.arguments) for i in added] == [("function_call", "get_time", "")]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 3 and "".join(deltas) == call_item.arguments  # the arguments stream as they are written
     assert [(i.name, i.arguments) for i in final.output if i.type == "function_call"] == [
         (call_item.name, call_item.arguments)]
     follow = client.responses.create(model="mock", tools=[TIME], max_output_tokens=5, temperature=0, input=[

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from llaisys.models.mock import write_mock_model
 
+from fuzz_bodies import response_formats
 from http_client import call
 from server_process import post_fuzzed, running_server
 
@@ -81,6 +82,13 @@ def test_a_forced_call_is_a_valid_call_streamed_or_not(client, choice, names):
         final = stream.get_final_completion()
     assert weather_calls(final.choices[0].message) == [(name, args)]
     assert final.choices[0].finish_reason == "tool_calls"
+    # Streamed in pieces: the first names the call, the rest carry its arguments as they are written.
+    chunks = list(client.chat.completions.create(stream=True, **body))
+    pieces = [p for ch in chunks for c in ch.choices for p in c.delta.tool_calls or []]
+    assert pieces[0].id.startswith("call_") and pieces[0].type == "function" and pieces[0].function.name == name
+    assert len(pieces) > 3 and all(p.index == 0 and p.id is None and p.function.name is None for p in pieces[1:])
+    assert json.loads("".join(p.function.arguments for p in pieces)) == args
+    assert not any(c.delta.content for ch in chunks for c in ch.choices)
 
 
 def test_parallel_forced_calls_may_be_several(client):
@@ -118,22 +126,8 @@ async def test_unenforceable_requests_get_400_naming_the_problem(server, fields,
 
 
 def test_random_response_format_bodies_never_give_a_500(server):
-    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2, 5), st.text(max_size=6), st.just([]), st.just({}))
-    schema = st.recursive(st.one_of(scalar, st.fixed_dictionaries({}, optional={
-        "type": st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "x"]),
-        "enum": st.lists(scalar, max_size=3), "maxLength": scalar, "minItems": scalar, "format": scalar,
-        "pattern": st.sampled_from(["a+", "(", "[0-9]{2}"])})),
-        lambda inner: st.fixed_dictionaries({}, optional={"properties": st.dictionaries(st.text(max_size=3), inner,
-                                                                                          max_size=2),
-                                                          "items": inner, "anyOf": st.lists(inner, max_size=2),
-                                                          "required": st.lists(st.text(max_size=3), max_size=2)}),
-        max_leaves=6)
-    fmt = st.one_of(scalar, st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "x"])},
-                                                  optional={"json_schema": st.one_of(scalar, st.fixed_dictionaries(
-                                                      {"name": st.just("s")}, optional={"schema": schema}))}))
-
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(fmt=fmt, stream=st.booleans())
+    @given(fmt=response_formats(), stream=st.booleans())
     def post(fmt, stream):
         post_fuzzed(server + CHAT, {"messages": HELLO, "response_format": fmt, "max_tokens": 4, "stream": stream})
 

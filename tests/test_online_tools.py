@@ -6,21 +6,14 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from llaisys.models.mock import write_mock_model
 
+from fuzz_bodies import HISTORY, WEATHER, tool_bodies
 from http_client import call
 from server_process import post_fuzzed, running_server
 
 CHAT = "/v1/chat/completions"
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                           "required": ["city"]}}}
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-HISTORY = [{"role": "user", "content": "Weather in Paris?"},
-           {"role": "assistant", "content": None, "tool_calls": [CALL]},
-           {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}]
 
 
 @pytest.fixture(scope="module")
@@ -77,26 +70,8 @@ async def test_bad_tool_fields_get_400_naming_them(server, fields, param):
 
 
 def test_random_tool_bodies_never_give_a_500(server):
-    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2, 5), st.text(max_size=6), st.just([]), st.just({}))
-    function = st.fixed_dictionaries({}, optional={"name": st.one_of(st.sampled_from(["get_weather", "f"]), scalar),
-                                                   "parameters": st.one_of(st.just(WEATHER["function"]["parameters"]),
-                                                                           scalar),
-                                                   "description": scalar})
-    tool = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": function}), scalar)
-    choice = st.one_of(st.sampled_from(["none", "auto", "required", "x"]), scalar,
-                       st.fixed_dictionaries({"type": st.just("function"),
-                                              "function": st.fixed_dictionaries({"name": st.sampled_from(
-                                                  ["get_weather", "f"])})}))
-    message = st.one_of(st.sampled_from(HISTORY), st.fixed_dictionaries(
-        {"role": st.sampled_from(["assistant", "tool"]), "content": st.one_of(st.text(max_size=5), scalar)},
-        optional={"tool_calls": st.one_of(st.lists(st.one_of(st.just(CALL), scalar), max_size=2), scalar),
-                  "tool_call_id": scalar}))
-    bodies = st.fixed_dictionaries({"messages": st.lists(message, min_size=1, max_size=3)}, optional={
-        "tools": st.one_of(st.lists(tool, max_size=2), scalar), "tool_choice": choice,
-        "parallel_tool_calls": scalar, "stream": st.booleans()})
-
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(body=bodies)
+    @given(body=tool_bodies())
     def post(body):
         body["max_tokens"] = 3
         post_fuzzed(server + CHAT, body)

@@ -1,6 +1,7 @@
 """The default model through the official openai client, as editors and agents use it: a weather-tool
-round trip (call, result, answer) streamed and not, json_schema replies that validate, and infills
-that join a signature and a return. Few and short: the machine is slow."""
+round trip (call, result, answer) streamed and not, json_schema replies that validate, infills
+that join a signature and a return, and random tool and response_format bodies that never give a
+500. Few and short: the machine is slow."""
 from __future__ import annotations
 
 import ast
@@ -9,8 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from server_process import post_json, running_server
+from fuzz_bodies import response_formats, tool_bodies
+from server_process import post_fuzzed, post_json, running_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -75,7 +79,11 @@ def test_real_weather_tool_round_trip(client, stream):
     body = dict(model="qwen", messages=ASK, tools=[WEATHER], temperature=0, max_tokens=40)
     if stream:
         with client.beta.chat.completions.stream(**body) as s:
+            events = list(s)
             reply = s.get_final_completion()
+        # The call streams in pieces (its name, then its arguments as the model writes them), no markup.
+        assert sum(e.type == "tool_calls.function.arguments.delta" for e in events) > 2, events
+        assert not any(e.type == "content.delta" and e.delta for e in events), events
     else:
         reply = client.chat.completions.create(**body)
     choice = reply.choices[0]
@@ -115,3 +123,16 @@ def test_real_infill_joins_the_signature_and_the_return(server, client):
     body = middle if end < 0 else middle[:end]
     assert "total" in body and "return" not in body, middle
     ast.parse(INFILL_PREFIX + body + INFILL_SUFFIX)  # the middle completes the function
+
+
+def test_real_random_tool_and_response_format_bodies_never_give_a_500(server):
+    """The mock's checks again on the real model: its chat template renders the odd tool turns, and
+    llguidance builds masks over its vocabulary."""
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=tool_bodies(), fmt=st.none() | response_formats())
+    def post(body, fmt):
+        if fmt is not None:
+            body["response_format"] = fmt
+        post_fuzzed(f"{server}/v1/chat/completions", dict(body, model="qwen", max_tokens=2), timeout=300)
+
+    post()

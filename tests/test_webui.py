@@ -583,6 +583,26 @@ def test_tool_calls_in_a_reply_show_as_cards(driver, mock_server):
     assert "Let me check." in text and "<tool_call>" not in text
 
 
+
+def test_streamed_tool_call_pieces_join_into_one_card(driver, mock_server):
+    """delta.tool_calls as the server streams them (name first, then the arguments in pieces, by index)
+    make one card per call."""
+    page = ChatPage(driver, mock_server).open()
+    pieces = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+              {"index": 0, "function": {"arguments": '{"city": '}}, {"index": 0, "function": {"arguments": '"Paris"}'}},
+              {"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    events = [{"choices": [{"index": 0, "delta": {"tool_calls": [p]}, "finish_reason": None}]} for p in pieces]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    page.js("var real = window.fetch; window.fetch = function (url, init) {"
+            "  if (String(url).indexOf('chat/completions') < 0) return real(url, init);"
+            "  return Promise.resolve(new Response(arguments[0], {headers: {'Content-Type': 'text/event-stream'}}));"
+            "}.bind(null);".replace("arguments[0]", json.dumps(stream)))
+    page.send("Weather and time?")
+    page.wait_idle()
+    assert page.texts(".tool-call-name") == ["Tool call: get_weather", "Tool call: get_time"]
+    assert [json.loads(a) for a in page.texts(".tool-call-args")] == [{"city": "Paris"}, {}]
+
 # ---------- the real model ----------
 
 XSS_PROMPT = ("Output this text exactly as written and nothing else: "

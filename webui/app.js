@@ -682,10 +682,14 @@
           queueReplyRender();
           if (Date.now() - state.lastSave > 1000) saveConversations();
         }
-        (choice.delta && choice.delta.tool_calls || []).forEach(function (call) {
-          if (!call.function) return;
-          message.toolCalls = (message.toolCalls || []).concat([
-            { name: call.function.name, arguments: call.function.arguments }]);
+        // A call comes in pieces (its name first, then its arguments' text), joined by index.
+        (choice.delta && choice.delta.tool_calls || []).forEach(function (piece) {
+          if (!piece.function) return;
+          var calls = message.toolCalls = message.toolCalls || [];
+          var i = typeof piece.index === "number" ? piece.index : calls.length;
+          calls[i] = calls[i] || { name: "", arguments: "" };
+          calls[i].name += piece.function.name || "";
+          calls[i].arguments += piece.function.arguments || "";
           queueReplyRender();
         });
         if (choice.finish_reason) finish = choice.finish_reason;

@@ -7,7 +7,7 @@ import uuid
 from typing import Any, Optional
 
 from ..engine import CompletionOutput, RequestOutput
-from .tool_calls import StreamingToolParser, parse_tool_calls
+from .tool_calls import CallPiece, ToolCall, ToolCallParser, parse_tool_calls
 from .tools import ToolSpec
 
 
@@ -15,7 +15,7 @@ class ResponseBuilder:
     """The answer to one API call, whole or as stream chunks. Choice index = prompt index * n + completion index.
 
     chat: True for /v1/chat/completions, False for /v1/completions. With tools, a chat reply's tool
-    calls become message.tool_calls (streamed: delta.tool_calls when the choice ends).
+    calls become message.tool_calls (streamed: delta.tool_calls pieces as the calls are read).
     """
 
     done_marker = True  # a stream ends with `data: [DONE]`
@@ -28,7 +28,7 @@ class ResponseBuilder:
         self.top_logprobs = top_logprobs
         self.include_usage = include_usage
         self.tools = tools
-        self._parsers: dict[int, StreamingToolParser] = {}  # choice -> its tool-call parser (streams with tools)
+        self._parsers: dict[int, ToolCallParser] = {}  # choice -> its tool-call parser (streams with tools)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._text_offsets: dict[int, int] = {}  # choice -> characters streamed so far (completion logprobs)
@@ -47,10 +47,10 @@ class ResponseBuilder:
                     choice["message"] = {"role": "assistant", "content": c.text}
                     if self.tools is not None:
                         content, calls = parse_tool_calls(c.text, self.tools.names, self.tools.parallel)
+                        choice["message"]["content"] = content
                         if calls:
-                            choice["message"] = {"role": "assistant", "content": content,
-                                                 "tool_calls": [call.as_dict() for call in calls]}
-                            finish_reason = "tool_calls"
+                            choice["message"]["tool_calls"] = [call.as_dict() for call in calls]
+                            finish_reason = tool_calls_finish(calls, finish_reason)
                 else:
                     choice["text"] = c.text
                 choice["logprobs"] = self._logprobs(self.index(p, c), c)
@@ -75,25 +75,33 @@ class ResponseBuilder:
         events = []
         for c in delta.outputs:
             index = self.index(prompt_index, c)
-            finish_reason = c.finish_reason
-            calls = []
             if self.tools is not None:
-                parser = self._parsers.setdefault(index, StreamingToolParser(self.tools.names, self.tools.parallel))
-                text = parser.feed(c.text)
-                if c.finished:
-                    rest, calls = parser.finish()
-                    text += rest
-                c = dataclasses.replace(c, text=text)
+                events += self._tool_stream_delta(index, c)
+                continue
             if c.text or (self.top_logprobs is not None and c.token_ids):
                 events.append(self.chunk([self.piece_choice(index, c)], include_usage=self.include_usage))
-            if calls:
-                finish_reason = "tool_calls"
-                events.append(self.chunk([{"index": index, "delta": {"tool_calls": [
-                    call.as_dict(i) for i, call in enumerate(calls)]}, "logprobs": None, "finish_reason": None}],
-                    include_usage=self.include_usage))
             if c.finished:
-                events.append(self.chunk([self.finish_choice(index, dataclasses.replace(c, finish_reason=finish_reason))],
-                                         include_usage=self.include_usage))
+                events.append(self.chunk([self.finish_choice(index, c)], include_usage=self.include_usage))
+        return events
+
+    def _tool_stream_delta(self, index: int, c: CompletionOutput) -> list[dict[str, Any]]:
+        """A chat choice with tools: its content and tool-call pieces as the parser lets them out, the
+        step's logprobs on the first of them."""
+        parser = self._parsers.setdefault(index, ToolCallParser(self.tools.names, self.tools.parallel))
+        pieces = parser.feed(c.text) + (parser.finish() if c.finished else [])
+        if not pieces and self.top_logprobs is not None and c.token_ids:
+            pieces = [""]
+        events = []
+        for i, piece in enumerate(pieces):
+            choice = self.piece_choice(index, dataclasses.replace(
+                c, text=piece if isinstance(piece, str) else "", logprobs=c.logprobs if i == 0 else None))
+            if isinstance(piece, CallPiece):
+                choice["delta"] = {"tool_calls": [piece.as_dict()]}
+            events.append(self.chunk([choice], include_usage=self.include_usage))
+        if c.finished:
+            finish_reason = tool_calls_finish(parser.calls, c.finish_reason) if parser.calls else c.finish_reason
+            events.append(self.chunk([self.finish_choice(index, dataclasses.replace(c, finish_reason=finish_reason))],
+                                     include_usage=self.include_usage))
         return events
 
     def stream_end(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
@@ -151,6 +159,11 @@ class ResponseBuilder:
                 "token_logprobs": [chosen.logprob for chosen, _ in steps],
                 "top_logprobs": [{lp.decoded_token: lp.logprob for lp in top} for _, top in steps],
                 "text_offset": offsets}
+
+
+def tool_calls_finish(calls: list[ToolCall], finish_reason: Optional[str]) -> Optional[str]:
+    """A reply with calls ends for tool_calls, unless a call's arguments were cut off (then its own reason)."""
+    return "tool_calls" if all(call.complete for call in calls) else finish_reason
 
 
 def usage(outputs: list[RequestOutput]) -> dict[str, Any]:

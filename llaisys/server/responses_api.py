@@ -110,10 +110,9 @@ class ResponsesBuilder:
         self.created = int(time.time())
         self.body = body
         self._seq = 0
-        self._text = ""  # the message's text streamed so far
         self._message_id = f"msg_{uuid.uuid4().hex}"
-        self._message_open = False
         self._items: list[dict[str, Any]] = []  # output items done
+        self._open: Optional[dict[str, Any]] = None  # the output item being streamed
         self._finish_reason: Optional[str] = None
 
     def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
@@ -135,53 +134,64 @@ class ResponsesBuilder:
             for choice in chunk["choices"]:
                 d = choice["delta"]
                 if d.get("content"):
-                    events += self._open_message()
-                    self._text += d["content"]
-                    events.append(self._event("response.output_text.delta", item_id=self._message_id,
-                                              output_index=0, content_index=0, delta=d["content"]))
-                for call in d.get("tool_calls", []):
-                    events += self._close_message()
-                    item = self._call(call)
-                    index = len(self._items)
-                    events.append(self._event("response.output_item.added", output_index=index,
-                                              item={**item, "status": "in_progress", "arguments": ""}))
-                    events.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                              output_index=index, delta=item["arguments"]))
-                    events.append(self._event("response.function_call_arguments.done", item_id=item["id"],
-                                              output_index=index, arguments=item["arguments"]))
-                    events.append(self._event("response.output_item.done", output_index=index, item=item))
-                    self._items.append(item)
+                    events += self._text_delta(d["content"])
+                for piece in d.get("tool_calls", []):
+                    events += self._call_piece(piece)
                 if choice.get("finish_reason"):
                     self._finish_reason = choice["finish_reason"]
         return events
 
     def stream_end(self, outputs: list[RequestOutput]) -> list[dict[str, Any]]:
-        events = self._close_message()
+        events = self._close()
         final = self._object("completed", self._items, self._finish_reason, usage(outputs))
         return events + [self._event("response.completed", response=final)]
 
-    def _open_message(self) -> list[dict[str, Any]]:
-        if self._message_open:
-            return []
-        self._message_open = True
-        item = {"type": "message", "id": self._message_id, "status": "in_progress", "role": "assistant",
-                "content": []}
-        part = {"type": "output_text", "text": "", "annotations": []}
-        return [self._event("response.output_item.added", output_index=len(self._items), item=item),
-                self._event("response.content_part.added", item_id=self._message_id, output_index=len(self._items),
-                            content_index=0, part=part)]
+    # One output item is streamed at a time: a message, or a function call (its pieces come together).
+    def _text_delta(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self._open is None or self._open["type"] != "message":
+            events += self._close()
+            self._open = {**self._message(""), "status": "in_progress", "id": f"msg_{uuid.uuid4().hex}"}
+            events += [self._event("response.output_item.added", output_index=len(self._items),
+                                   item={**self._open, "content": []}),
+                       self._event("response.content_part.added", item_id=self._open["id"],
+                                   output_index=len(self._items), content_index=0, part=dict(self._open["content"][0]))]
+        part = self._open["content"][0]
+        part["text"] += text
+        return events + [self._event("response.output_text.delta", item_id=self._open["id"],
+                                     output_index=len(self._items), content_index=0, delta=text)]
 
-    def _close_message(self) -> list[dict[str, Any]]:
-        if not self._message_open:
+    def _call_piece(self, piece: dict[str, Any]) -> list[dict[str, Any]]:
+        """A streamed tool-call piece: the first of a call opens its function_call item; each adds arguments."""
+        events = []
+        if "id" in piece:
+            events += self._close()
+            self._open = {**self._call({**piece, "function": {**piece["function"], "arguments": ""}}),
+                          "status": "in_progress"}
+            events.append(self._event("response.output_item.added", output_index=len(self._items), item=dict(self._open)))
+        arguments = piece["function"].get("arguments") or ""
+        if arguments:
+            self._open["arguments"] += arguments
+            events.append(self._event("response.function_call_arguments.delta", item_id=self._open["id"],
+                                      output_index=len(self._items), delta=arguments))
+        return events
+
+    def _close(self) -> list[dict[str, Any]]:
+        """The open item's closing events; it joins the output."""
+        item, self._open, index = self._open, None, len(self._items)
+        if item is None:
             return []
-        self._message_open = False
-        item = self._message(self._text)
-        index = len(self._items)
+        item = {**item, "status": "completed"}
         self._items.append(item)
-        return [self._event("response.output_text.done", item_id=self._message_id, output_index=index,
-                            content_index=0, text=self._text),
-                self._event("response.content_part.done", item_id=self._message_id, output_index=index,
-                            content_index=0, part=item["content"][0]),
+        if item["type"] == "function_call":
+            return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                arguments=item["arguments"]),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+        part = item["content"][0]
+        return [self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=part["text"]),
+                self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                            part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
     def _message(self, text: str) -> dict[str, Any]:
