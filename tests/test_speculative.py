@@ -440,6 +440,36 @@ def test_adaptive_drafting_counts_the_draft_models_steps():
     assert drafts(draft, 64) < drafts(draft, 1)
 
 
+
+# speculation under a grammar (response_format json_schema): drafts the mask forbids are rejected
+COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 6, "maxItems": 12}
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+@pytest.mark.parametrize("kind", ["greedy", "seeded", "seeded n=2, logprobs, penalties"])
+def test_a_grammar_with_speculation_gives_the_same_valid_outputs(mock_dir, drafter, kind):
+    import json
+
+    import jsonschema
+
+    from llaisys.server.structured import schema_grammar
+
+    params = SamplingParams(max_tokens=100, grammar=schema_grammar(COLOURS, "response_format"),
+                            **{key: value for key, value in PARAMS[kind].items() if key != "min_tokens"})
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for rng in map(random.Random, range(6))]
+    want = outputs(mock_engine(mock_dir), prompts, params, True)
+    spec = SPEC if drafter == "ngram" else dict(speculative="draft", draft_model=str(mock_dir),
+                                                speculative_p_min=0.0, speculative_adaptive=False)
+    engine = mock_engine(mock_dir, num_speculative_tokens=4, max_num_batched_tokens=64, **spec)
+    got = outputs(engine, prompts, params, True)
+    assert got == want
+    for tokens, text, finish, _, _ in got:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), COLOURS)
+    counters = engine.stats().spec_decode
+    # the draft model (the target without the mask) proposes tokens the grammar forbids: some rejected
+    assert counters.num_draft_tokens > counters.num_accepted_tokens > 0
+
 # the parts
 def test_ngram_proposes_what_followed_the_latest_longest_match():
     import numpy as np
@@ -555,3 +585,36 @@ def test_real_draft_model_outputs_identical_with_speculation_off_and_on(real_mod
                                                    num_speculative_tokens=4, speculative_adaptive=False))
     assert outputs(engine, prompts, params, True) == want
     assert engine.stats().spec_decode.num_accepted_tokens > 0 and engine.drafter.kv_used == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_real_json_schema_with_speculation_gives_the_same_valid_output(real_model, kind):
+    """response_format json_schema (the server's grammar) with n-gram and draft-model speculation (the
+    default model drafting for itself, unmasked): the same tokens as without, and valid."""
+    import json
+
+    import jsonschema
+
+    from llaisys.server.structured import response_format_grammar
+
+    schema = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "additionalProperties": False, "required": ["name", "order"],
+        "properties": {"name": {"type": "string", "maxLength": 12}, "order": {"type": "integer"}}}}
+    grammar = response_format_grammar({"response_format": {"type": "json_schema",
+                                                           "json_schema": {"name": "planets", "schema": schema}}})
+    params = SamplingParams(max_tokens=120, grammar=grammar, **PARAMS[kind])
+    common = dict(model=real_model, n_ctx=1024, max_num_seqs=4)
+    base = LLMEngine.from_engine_args(EngineArgs(**common))
+    messages = [[{"role": "user", "content": "The first four planets from the sun, with their order, as JSON."}],
+                [{"role": "user", "content": "Four programming languages and the order they were created in."}]]
+    prompts = [base.tokenize(base.chat_prompt(m))[1] for m in messages]
+    want = outputs(base, prompts, params, True)
+    for text in (w[1] for w in want):
+        jsonschema.validate(json.loads(text), schema)
+    for spec in (dict(SPEC, num_speculative_tokens=4),
+                 dict(speculative="draft", draft_model=real_model, num_speculative_tokens=4,
+                      speculative_adaptive=False)):
+        engine = LLMEngine.from_engine_args(EngineArgs(**common, **spec))
+        assert outputs(engine, prompts, params, True) == want, spec["speculative"]
+        assert engine.stats().spec_decode.num_accepted_tokens > 0
