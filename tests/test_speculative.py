@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -365,6 +366,43 @@ def test_draft_model_preemption_mid_verify_gives_the_same_outputs(mock_dir, draf
     assert engine.stats().num_preemptions > 0 and engine.stats().spec_decode.num_accepted_tokens > 0
 
 
+def test_the_draft_model_computes_a_shared_prompt_once(mock_dir, draft_dir):
+    """n = 3: the three draft sequences compute the prompt in shared rows; a later request starting
+    with a running one's prompt copies those cells. Outputs as without speculation."""
+    rows = []  # every draft row: (position, its sequences)
+
+    def counting(engine):
+        decode = engine.drafter.model.decode
+
+        def counted(batch):
+            seqs = np.split(batch.seq_flat, np.cumsum(batch.seq_counts)[:-1])
+            rows.extend(zip(batch.pos.tolist(), map(tuple, seqs)))
+            return decode(batch)
+
+        engine.drafter.model.decode = counted
+        return engine
+
+    rng = random.Random(9)
+    prompt = [rng.randrange(256) for _ in range(30)]
+    params = SamplingParams(n=3, max_tokens=12, temperature=0.1, seed=2, ignore_eos=True)
+    want = outputs(mock_engine(mock_dir), [prompt], params, True)
+    engine = counting(draft_engine(mock_dir, draft_dir, num_speculative_tokens=4, max_num_batched_tokens=64))
+    assert outputs(engine, [prompt], params, True) == want
+    in_prompt = [seqs for p, seqs in rows if p < len(prompt)]
+    assert len(in_prompt) == len(prompt) and all(len(seqs) == 3 for seqs in in_prompt)
+
+    rows.clear()
+    engine = counting(draft_engine(mock_dir, draft_dir, num_speculative_tokens=4, max_num_batched_tokens=64))
+    first = engine.add_request(prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    verify_started(engine)
+    seq = first.leader.seq_id
+    later = engine.add_request(prompt + [7, 8], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    run_checked(engine)
+    assert [seqs for p, seqs in rows if p < len(prompt)] == [(seq,)] * len(prompt)
+    assert later.completions[0].output_ids == mock_greedy(prompt + [7, 8], 10, VOCAB, ignore_eos=True)
+    assert later.metrics.spec.num_drafts > 0
+
+
 def test_a_failing_draft_model_only_costs_its_drafts(mock_dir, draft_dir, monkeypatch):
     from llaisys.core import KVCacheFullError
 
@@ -470,10 +508,9 @@ def test_a_grammar_with_speculation_gives_the_same_valid_outputs(mock_dir, draft
     # the draft model (the target without the mask) proposes tokens the grammar forbids: some rejected
     assert counters.num_draft_tokens > counters.num_accepted_tokens > 0
 
+
 # the parts
 def test_ngram_proposes_what_followed_the_latest_longest_match():
-    import numpy as np
-
     t = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
     assert ngram.propose(t, 2, 1, 3) == [7, 8]  # "2 3" last seen before 7 8 (a longer "5 2 3" is nowhere else)
     assert ngram.propose(t, 1, 3, 3) == []  # no earlier "5 2 3"
