@@ -4,15 +4,17 @@ Two workloads, each at batch 1 (requests one at a time) and batch 8 (eight submi
 (a) code edits: the prompt holds a function from this repository to rewrite with a small change,
     so the reply mostly copies it; (b) open chat: questions whose answers repeat nothing.
 With --draft-model (case (c): the 1.5B target, --model, with the 0.5B default drafting) a draft-model
-column joins the n-gram one. For each mode it prints generated tokens/s (prefill included) and its
-ratio to off, the ratio of decode time alone (first to last token), the acceptance rate, the mean
+row joins the n-gram one; --adaptive both runs each drafter with adaptive k and with all k always
+drafted (a drafter's own speed, whatever the rule decides). For each mode it prints generated
+tokens/s (prefill included) and its ratio to off, the ratio of decode time alone (first to last token), the acceptance rate, the mean
 accepted length (tokens per verify) and verifies per generated token, and checks that the outputs are
 identical. The modes alternate per case, --rounds times, on one engine each in one process, and each
 mode's fastest round counts (the machine is shared and noisy); every round's tokens/s is printed too.
 
-    python benchmarks/bench_spec.py [--model PATH] [--draft-model PATH] [--k 4] [--requests 8] [--max-tokens 160] [--rounds 3]
+    python benchmarks/bench_spec.py [--model PATH] [--draft-model PATH] [--k 4] [--requests 8] [--max-tokens 160] \
+        [--rounds 3] [--adaptive on|off|both]
     python benchmarks/bench_spec.py --model ~/.cache/llaisys/qwen2.5-coder-1.5b-instruct.gguf \
-        --draft-model ~/.cache/llaisys/qwen2.5-coder-0.5b-instruct.gguf          # case (c)
+        --draft-model ~/.cache/llaisys/qwen2.5-coder-0.5b-instruct.gguf --no-ngram --adaptive both   # case (c)
 """
 from __future__ import annotations
 
@@ -85,18 +87,24 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case; each mode's best counts")
     parser.add_argument("--no-ngram", action="store_true", help="leave the n-gram mode out")
-    parser.add_argument("--no-adaptive", action="store_true", help="always draft all k (speculative_adaptive off)")
+    parser.add_argument("--adaptive", choices=["on", "off", "both"], default="on",
+                        help="speculative_adaptive; off always drafts all k; both runs each drafter both ways")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from llaisys.engine import EngineArgs, LLMEngine
 
     common = dict(model=args.model, max_num_seqs=8, n_ctx=8192, n_threads=args.threads, enable_prefix_caching=False)
-    spec = dict(num_speculative_tokens=args.k, speculative_adaptive=not args.no_adaptive)
-    modes = {"off": {}} if args.no_ngram else {"off": {}, "n-gram": dict(speculative="ngram", **spec)}
+    drafters = {} if args.no_ngram else {"n-gram": dict(speculative="ngram")}
     if args.draft_model:
-        modes["draft model"] = dict(speculative="draft", draft_model=args.draft_model, **spec)
+        drafters["draft model"] = dict(speculative="draft", draft_model=args.draft_model)
+    adaptive = {"on": [True], "off": [False], "both": [True, False]}[args.adaptive]
+    modes = {"off": {}}
+    for name, drafter in drafters.items():
+        for on in adaptive:
+            label = name if args.adaptive != "both" else f"{name}, adaptive {'on' if on else 'off'}"
+            modes[label] = dict(drafter, num_speculative_tokens=args.k, speculative_adaptive=on)
     engines = {mode: LLMEngine.from_engine_args(EngineArgs(**common, **extra)) for mode, extra in modes.items()}
-    print(f"model {args.model}, draft {args.draft_model}, k = {args.k}, adaptive {not args.no_adaptive}, "
+    print(f"model {args.model}, draft {args.draft_model}, k = {args.k}, adaptive {args.adaptive}, "
           f"{args.requests} prompts per workload, max_tokens {args.max_tokens}")
     print(f"best of {args.rounds} rounds per mode, alternating")
     print("| workload | batch | mode | tok/s | ratio | decode-only ratio | acceptance | mean accepted length "
