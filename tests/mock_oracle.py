@@ -60,17 +60,23 @@ def check_kv(engine) -> None:
 
 
 def check_draft_kv(engine) -> None:
-    """A draft model holds, for each running completion's slot, a prefix of its tokens, and nothing else."""
+    """A draft model holds, for each running completion's slot, a prefix of its tokens, and nothing else.
+    Sequences may share the cells of a common prefix: the cells in use lie between the distinct
+    prefixes held (every cell shared where it can be) and the tokens held (none shared)."""
     drafter = getattr(engine, "drafter", None)
     if drafter is None:
         return
     running = {c.seq_id: c for r in engine.scheduler.running for c in r.live if c.seq_id is not None}
-    assert drafter.model.kv_used == sum(len(h) for h in drafter.held.values()), "the draft's cells are not its record"
-    for seq, held in drafter.held.items():
+    prefixes = {tuple(h[:p + 1]) for h in drafter.held.values() for p in range(len(h))}
+    assert len(prefixes) <= drafter.model.kv_used <= sum(len(h) for h in drafter.held.values()), \
+        "the draft's cells are not its record"
+    for seq in range(drafter.num_seqs):
+        held = drafter.held.get(seq, [])
         if held:
             assert seq in running, f"the draft holds cells of slot {seq}, which runs nothing"
             assert held == running[seq].tokens(0, len(held)), "the draft's cells are not a prefix of its completion"
-            assert drafter.model.kv_seq_pos_max(seq) == len(held) - 1
+            assert drafter.model.kv_seq_pos_min(seq) == 0
+        assert drafter.model.kv_seq_pos_max(seq) == len(held) - 1, f"slot {seq}'s draft cells are not its record"
 
 
 def run_checked(engine, max_steps: int = 10_000) -> int:

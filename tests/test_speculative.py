@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -365,6 +366,43 @@ def test_draft_model_preemption_mid_verify_gives_the_same_outputs(mock_dir, draf
     assert engine.stats().num_preemptions > 0 and engine.stats().spec_decode.num_accepted_tokens > 0
 
 
+def test_the_draft_model_computes_a_shared_prompt_once(mock_dir, draft_dir):
+    """n = 3: the three draft sequences compute the prompt in shared rows; a later request starting
+    with a running one's prompt copies those cells. Outputs as without speculation."""
+    rows = []  # every draft row: (position, its sequences)
+
+    def counting(engine):
+        decode = engine.drafter.model.decode
+
+        def counted(batch):
+            seqs = np.split(batch.seq_flat, np.cumsum(batch.seq_counts)[:-1])
+            rows.extend(zip(batch.pos.tolist(), map(tuple, seqs)))
+            return decode(batch)
+
+        engine.drafter.model.decode = counted
+        return engine
+
+    rng = random.Random(9)
+    prompt = [rng.randrange(256) for _ in range(30)]
+    params = SamplingParams(n=3, max_tokens=12, temperature=0.1, seed=2, ignore_eos=True)
+    want = outputs(mock_engine(mock_dir), [prompt], params, True)
+    engine = counting(draft_engine(mock_dir, draft_dir, num_speculative_tokens=4, max_num_batched_tokens=64))
+    assert outputs(engine, [prompt], params, True) == want
+    in_prompt = [seqs for p, seqs in rows if p < len(prompt)]
+    assert len(in_prompt) == len(prompt) and all(len(seqs) == 3 for seqs in in_prompt)
+
+    rows.clear()
+    engine = counting(draft_engine(mock_dir, draft_dir, num_speculative_tokens=4, max_num_batched_tokens=64))
+    first = engine.add_request(prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    verify_started(engine)
+    seq = first.leader.seq_id
+    later = engine.add_request(prompt + [7, 8], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    run_checked(engine)
+    assert [seqs for p, seqs in rows if p < len(prompt)] == [(seq,)] * len(prompt)
+    assert later.completions[0].output_ids == mock_greedy(prompt + [7, 8], 10, VOCAB, ignore_eos=True)
+    assert later.metrics.spec.num_drafts > 0
+
+
 def test_a_failing_draft_model_only_costs_its_drafts(mock_dir, draft_dir, monkeypatch):
     from llaisys.core import KVCacheFullError
 
@@ -440,10 +478,39 @@ def test_adaptive_drafting_counts_the_draft_models_steps():
     assert drafts(draft, 64) < drafts(draft, 1)
 
 
+
+# speculation under a grammar (response_format json_schema): drafts the mask forbids are rejected
+COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 6, "maxItems": 12}
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+@pytest.mark.parametrize("kind", ["greedy", "seeded", "seeded n=2, logprobs, penalties"])
+def test_a_grammar_with_speculation_gives_the_same_valid_outputs(mock_dir, drafter, kind):
+    import json
+
+    import jsonschema
+
+    from llaisys.server.structured import schema_grammar
+
+    params = SamplingParams(max_tokens=100, grammar=schema_grammar(COLOURS, "response_format"),
+                            **{key: value for key, value in PARAMS[kind].items() if key != "min_tokens"})
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for rng in map(random.Random, range(6))]
+    want = outputs(mock_engine(mock_dir), prompts, params, True)
+    spec = SPEC if drafter == "ngram" else dict(speculative="draft", draft_model=str(mock_dir),
+                                                speculative_p_min=0.0, speculative_adaptive=False)
+    engine = mock_engine(mock_dir, num_speculative_tokens=4, max_num_batched_tokens=64, **spec)
+    got = outputs(engine, prompts, params, True)
+    assert got == want
+    for tokens, text, finish, _, _ in got:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), COLOURS)
+    counters = engine.stats().spec_decode
+    # the draft model (the target without the mask) proposes tokens the grammar forbids: some rejected
+    assert counters.num_draft_tokens > counters.num_accepted_tokens > 0
+
+
 # the parts
 def test_ngram_proposes_what_followed_the_latest_longest_match():
-    import numpy as np
-
     t = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
     assert ngram.propose(t, 2, 1, 3) == [7, 8]  # "2 3" last seen before 7 8 (a longer "5 2 3" is nowhere else)
     assert ngram.propose(t, 1, 3, 3) == []  # no earlier "5 2 3"
@@ -555,3 +622,36 @@ def test_real_draft_model_outputs_identical_with_speculation_off_and_on(real_mod
                                                    num_speculative_tokens=4, speculative_adaptive=False))
     assert outputs(engine, prompts, params, True) == want
     assert engine.stats().spec_decode.num_accepted_tokens > 0 and engine.drafter.kv_used == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_real_json_schema_with_speculation_gives_the_same_valid_output(real_model, kind):
+    """response_format json_schema (the server's grammar) with n-gram and draft-model speculation (the
+    default model drafting for itself, unmasked): the same tokens as without, and valid."""
+    import json
+
+    import jsonschema
+
+    from llaisys.server.structured import response_format_grammar
+
+    schema = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "additionalProperties": False, "required": ["name", "order"],
+        "properties": {"name": {"type": "string", "maxLength": 12}, "order": {"type": "integer"}}}}
+    grammar = response_format_grammar({"response_format": {"type": "json_schema",
+                                                           "json_schema": {"name": "planets", "schema": schema}}})
+    params = SamplingParams(max_tokens=120, grammar=grammar, **PARAMS[kind])
+    common = dict(model=real_model, n_ctx=1024, max_num_seqs=4)
+    base = LLMEngine.from_engine_args(EngineArgs(**common))
+    messages = [[{"role": "user", "content": "The first four planets from the sun, with their order, as JSON."}],
+                [{"role": "user", "content": "Four programming languages and the order they were created in."}]]
+    prompts = [base.tokenize(base.chat_prompt(m))[1] for m in messages]
+    want = outputs(base, prompts, params, True)
+    for text in (w[1] for w in want):
+        jsonschema.validate(json.loads(text), schema)
+    for spec in (dict(SPEC, num_speculative_tokens=4),
+                 dict(speculative="draft", draft_model=real_model, num_speculative_tokens=4,
+                      speculative_adaptive=False)):
+        engine = LLMEngine.from_engine_args(EngineArgs(**common, **spec))
+        assert outputs(engine, prompts, params, True) == want, spec["speculative"]
+        assert engine.stats().spec_decode.num_accepted_tokens > 0

@@ -5,8 +5,9 @@ It keeps only its core model (its weights and KV cells; the tokenizer is the tar
 are the target's running slots: sequence s holds the draft's cells for the tokens of the completion
 running in slot s, recorded in `held`, a prefix of that completion's tokens (plus, between a proposal
 and its verify, the drafts fed to it). When the step runs it catches each drafting completion up on the
-tokens it has not seen (a whole prompt the first time: it has no prefix cache and simply recomputes),
-then proposes one draft position at a time, every drafting sequence in one draft batch per position.
+tokens it has not seen (a whole prompt the first time: it has no prefix cache, but a prompt, or part
+of one, that another of its sequences holds is shared, not recomputed), then proposes one draft
+position at a time, every drafting sequence in one draft batch per position.
 The target's KV operations reach it too (`apply`): the cut of rejected drafts and the release of a
 finished, cancelled or preempted completion free its cells as they free the target's.
 """
@@ -47,6 +48,16 @@ def _vocabulary(adapter: ModelAdapter):
     return tokenizer.get_vocab() if tokenizer is not None else None
 
 
+def common_prefix(held: list[int], tokens: list[int]) -> int:
+    """How many leading tokens held has in common with tokens, leaving tokens' last one out (to compute)."""
+    n = min(len(held), len(tokens) - 1)
+    differs = np.flatnonzero(np.asarray(held[:n], dtype=np.int64) != np.asarray(tokens[:n], dtype=np.int64))
+    return int(differs[0]) if differs.size else n
+
+
+Row = tuple[list[int], int, int]  # a draft batch row: the chunks (their sequences) it belongs to, token, position
+
+
 class DraftModel:
     """Proposes the drafts of the chunks a plan left to it (Chunk.max_draft); see the module."""
 
@@ -65,47 +76,81 @@ class DraftModel:
         return filled, time.perf_counter() - start
 
     def _drafts(self, chunks: list[Chunk]) -> list[tuple[int, ...]]:
-        rows = []  # (chunk index, token, position)
-        for i, ch in enumerate(chunks):
-            tokens = ch.completion.tokens(0, ch.start + 1)
-            keep = self._sync(ch.completion.seq_id, tokens)
-            rows += [(i, t, p) for p, t in enumerate(tokens[keep:], start=keep)]
+        seqs = [ch.completion.seq_id for ch in chunks]
         drafts: list[list[int]] = [[] for _ in chunks]
         try:
+            rows = self._catch_up(chunks)
             while rows:  # one draft batch per draft position (the first also catches up)
-                picks, rows = self._decode(rows, [ch.completion.seq_id for ch in chunks]), []
+                picks, rows = self._decode(rows, seqs), []
                 for i, (token, p) in picks.items():
                     if p < self.p_min:
                         continue
                     drafts[i].append(token)
                     if len(drafts[i]) < chunks[i].max_draft:
-                        rows.append((i, token, chunks[i].start + len(drafts[i])))
+                        rows.append(([i], token, chunks[i].start + len(drafts[i])))
         except LlaisysError as e:  # no drafts this step (the target decodes as usual); nothing half-kept
             log.warning("the draft model failed (%s); this step has no drafts", e)
-            for ch in chunks:
-                self._forget(ch.completion.seq_id)
+            for seq in seqs:
+                self._forget(seq)
             return [() for _ in chunks]
         return [tuple(d) for d in drafts]
 
-    def _decode(self, rows: list[tuple[int, int, int]], seqs: list[int]) -> dict[int, tuple[int, float]]:
-        """Decode the rows (in pieces of n_batch); each chunk's argmax and top probability at its last row."""
-        last = {i: r for r, (i, _, _) in enumerate(rows)}
+    def _catch_up(self, chunks: list[Chunk]) -> list[Row]:
+        """The rows that bring each chunk's sequence up to its tokens (the last one's logits give its first
+        draft). A sequence lacking part of its prompt copies the longest prefix another sequence holds
+        (kv_seq_cp); sequences starting empty compute their common prefix once, in rows shared by all
+        of them (an n > 1 request's prompt, a common system prompt)."""
+        rows: list[Row] = []
+        empty: list[tuple[list[int], list[Row]]] = []  # the tokens and rows by position of each empty sequence
+        for i, ch in enumerate(chunks):
+            seq, tokens = ch.completion.seq_id, ch.completion.tokens(0, ch.start + 1)
+            keep = self._sync(seq, tokens)
+            if keep < ch.completion.request.num_prompt_tokens:
+                keep = self._copy_prefix(seq, tokens, keep)
+            mine: list[Row] = []
+            if keep == 0 and empty:  # the rows of the empty sequence sharing the longest prefix take it in
+                theirs, their_rows = max(empty, key=lambda e: common_prefix(e[0], tokens))
+                mine = their_rows[:common_prefix(theirs, tokens)]
+                for row in mine:
+                    row[0].append(i)
+            own = [([i], t, p) for p, t in enumerate(tokens[keep + len(mine):], start=keep + len(mine))]
+            rows += own
+            if keep == 0:
+                empty.append((tokens, mine + own))
+        return rows
+
+    def _copy_prefix(self, seq: int, tokens: list[int], keep: int) -> int:
+        """Share the cells of the longest prefix of tokens another sequence holds beyond `keep`; the
+        positions seq holds now."""
+        donor, length = max(((other, common_prefix(held, tokens)) for other, held in self.held.items()
+                             if other != seq), key=lambda d: d[1], default=(None, 0))
+        if length <= keep:
+            return keep
+        self.model.kv_seq_cp(donor, seq, keep, length)
+        self.held[seq] += tokens[keep:length]
+        return length
+
+    def _decode(self, rows: list[Row], seqs: list[int]) -> dict[int, tuple[int, float]]:
+        """Decode the rows (in pieces of n_batch); each chunk's argmax and top probability at its last row
+        (a row of its own: shared rows never end a chunk's tokens)."""
+        last = {owners[0]: r for r, (owners, _, _) in enumerate(rows)}
         picks = {}
         for lo in range(0, len(rows), self.n_batch):
             piece = rows[lo:lo + self.n_batch]
-            wants = [lo + r == last[i] for r, (i, _, _) in enumerate(piece)]
+            wants = [lo + r == last[owners[0]] for r, (owners, _, _) in enumerate(piece)]
             began = time.perf_counter()
             self.model.decode(Batch([t for _, t, _ in piece], pos=np.array([p for _, _, p in piece], np.int32),
-                                    seq_ids=np.array([seqs[i] for i, _, _ in piece], np.int32),
+                                    seq_ids=[[seqs[i] for i in owners] for owners, _, _ in piece],
                                     logits=np.array(wants, np.int8)))
-            for i, t, _ in piece:
-                self.held[seqs[i]].append(t)
+            for owners, t, _ in piece:
+                for i in owners:
+                    self.held[seqs[i]].append(t)
             logits = self.model.logits()
             top = logits.max(axis=1, keepdims=True)
             probs = 1.0 / np.exp(logits - top).sum(axis=1)
-            for (i, _, _), token, p in zip([r for r, w in zip(piece, wants) if w], logits.argmax(axis=1), probs):
-                picks[i] = (int(token), float(p))
-            distinct = len({i for i, _, _ in piece})
+            for (owners, _, _), token, p in zip([r for r, w in zip(piece, wants) if w], logits.argmax(axis=1), probs):
+                picks[owners[0]] = (int(token), float(p))
+            distinct = len({owners[0] for owners, _, _ in piece})
             if len(piece) <= 2 * distinct:  # decode-like pieces: a prompt's catch-up costs otherwise
                 self.cost.observe(len(piece), time.perf_counter() - began)
         return picks
@@ -113,10 +158,7 @@ class DraftModel:
     def _sync(self, seq: int, tokens: list[int]) -> int:
         """Cut the sequence's cells past its longest prefix in common with tokens (always leaving the
         last token to compute: its logits are the first draft's); the positions kept."""
-        held = self.held.setdefault(seq, [])
-        n = min(len(held), len(tokens) - 1)
-        differs = np.flatnonzero(np.asarray(held[:n], dtype=np.int64) != np.asarray(tokens[:n], dtype=np.int64))
-        keep = int(differs[0]) if differs.size else n
+        keep = common_prefix(self.held.setdefault(seq, []), tokens)
         self._cut(seq, keep)
         return keep
 
@@ -132,8 +174,8 @@ class DraftModel:
 
     def apply(self, ops: Sequence[KvOp]) -> None:
         """Follow the target's cuts and releases on the running slots (its held cells stay a prefix:
-        a cut anywhere drops the rest). Copies are not followed: a sibling or a cached prefix the
-        draft lacks is recomputed when it drafts."""
+        a cut anywhere drops the rest). Copies are not followed: a sequence takes what it lacks from
+        its own sequences when it drafts (_catch_up)."""
         for op in ops:
             if isinstance(op, SeqRm) and op.seq < self.num_seqs:
                 self._cut(op.seq, max(op.p0, 0))
