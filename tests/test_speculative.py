@@ -478,6 +478,47 @@ def test_adaptive_drafting_counts_the_draft_models_steps():
     assert drafts(draft, 64) < drafts(draft, 1)
 
 
+def test_the_draft_model_counts_the_prompt_tokens_it_lacks(mock_dir):
+    engine = draft_engine(mock_dir, mock_dir, num_speculative_tokens=4)
+    prompt = list(range(1, 40))
+    first = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while not first.leader.output_ids:  # the target's prefill
+        engine.step()
+    assert engine.drafter.prompt_lacking(first.leader) == len(prompt)
+    engine.step()  # the first verify: the draft model computed the prompt
+    assert engine.drafter.prompt_lacking(first.leader) == 0
+    second = engine.add_request(prompt[:30] + [99] * 9, SamplingParams(max_tokens=8, temperature=0.0))
+    assert engine.drafter.prompt_lacking(second.leader) == 9  # the first 30 can be shared from the first's
+    run_checked(engine)
+
+
+def test_a_draft_model_lacking_the_prompt_starts_only_where_it_pays_for_it():
+    """The draft model's first computation of a prompt is charged once against the drafts' saving over
+    the tokens left: a long prompt and a short reply in a busy batch do not start it; a long reply does;
+    a prompt it holds costs nothing."""
+    from llaisys.engine.request import Request
+
+    target, draft = StepCost(), StepCost()
+    for rows in (1, 3, 5, 9):
+        target.observe(rows, 0.1 + 0.01 * rows)  # a = 0.1 s, b / a = 0.1
+        draft.observe(rows, 0.02 + 0.002 * rows)
+    draft.observe_prompt(500, 500 * 0.002)  # 2 ms a prompt row: 0.02 of the target's a
+
+    def drafts(prompt: int, max_tokens: int, batch: int, lacking: int) -> int:
+        spec = Speculator(k=4, adaptive=True, draft_cost=draft, prompt_lacking=lambda c: lacking)
+        spec.cost = target
+        r = Request("r", None, [1] * prompt, SamplingParams(max_tokens=max_tokens), frozenset(), 100000,
+                    lambda ids: None)
+        for _ in range(10):
+            spec.record(r.leader, 4, 4)
+        return spec.draft(r.leader, 4, batch)[1]
+
+    assert drafts(500, 128, 1, lacking=500) == 4  # saves ~0.6 a a token: 128 tokens repay the prompt's 10 a
+    assert drafts(500, 128, 8, lacking=500) == 0  # ~0.06 a a token at batch 8: 128 do not
+    assert drafts(500, 4096, 8, lacking=500) > 0  # 4,096 would
+    assert drafts(500, 128, 8, lacking=0) > 0  # and once it holds the prompt, drafts are the usual choice
+
+
 
 # speculation under a grammar (response_format json_schema): drafts the mask forbids are rejected
 COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 6, "maxItems": 12}

@@ -24,6 +24,7 @@ from ..core import Batch, LlaisysError, Model
 from ..models import ModelAdapter
 from .errors import DraftModelMismatchError
 from .kv_ops import KvOp, SeqRm
+from .request import Completion
 from .scheduler import Chunk
 from .spec_decode import StepCost
 
@@ -48,11 +49,16 @@ def _vocabulary(adapter: ModelAdapter):
     return tokenizer.get_vocab() if tokenizer is not None else None
 
 
+def matching(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b have in common."""
+    n = min(len(a), len(b))
+    differs = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(differs[0]) if differs.size else n
+
+
 def common_prefix(held: list[int], tokens: list[int]) -> int:
     """How many leading tokens held has in common with tokens, leaving tokens' last one out (to compute)."""
-    n = min(len(held), len(tokens) - 1)
-    differs = np.flatnonzero(np.asarray(held[:n], dtype=np.int64) != np.asarray(tokens[:n], dtype=np.int64))
-    return int(differs[0]) if differs.size else n
+    return matching(held, tokens[:-1])
 
 
 Row = tuple[list[int], int, int]  # a draft batch row: the chunks (their sequences) it belongs to, token, position
@@ -119,6 +125,15 @@ class DraftModel:
                 empty.append((tokens, mine + own))
         return rows
 
+    def prompt_lacking(self, c: Completion) -> int:
+        """Tokens of c's prompt this model would compute before its first draft for c: none once one of
+        its sequences holds them (its own, or one it can share them from)."""
+        prompt = c.tokens(0, c.request.num_prompt_tokens)
+        own = matching(self.held.get(c.seq_id, ()), prompt)
+        if own == len(prompt):
+            return 0
+        return len(prompt) - max([own] + [matching(held, prompt) for held in self.held.values()])
+
     def _copy_prefix(self, seq: int, tokens: list[int], keep: int) -> int:
         """Share the cells of the longest prefix of tokens another sequence holds beyond `keep`; the
         positions seq holds now."""
@@ -153,6 +168,8 @@ class DraftModel:
             distinct = len({owners[0] for owners, _, _ in piece})
             if len(piece) <= 2 * distinct:  # decode-like pieces: a prompt's catch-up costs otherwise
                 self.cost.observe(len(piece), time.perf_counter() - began)
+            else:
+                self.cost.observe_prompt(len(piece), time.perf_counter() - began)
         return picks
 
     def _sync(self, seq: int, tokens: list[int]) -> int:

@@ -83,10 +83,13 @@ class LLMEngine:
         self.executor = Executor(self.worker, self.drafter)
         self.kv = KvManager(self.worker.kv_capacity, args.max_num_seqs,
                             args.prefix_cache_seqs if args.enable_prefix_caching else 0, args.prefix_cache_max_cells)
-        self.speculator = None if args.speculative == "off" else Speculator(
-            args.num_speculative_tokens, args.speculative_adaptive,
-            NgramDrafter(args.prompt_lookup_min, args.prompt_lookup_max) if self.drafter is None else None,
-            self.drafter.cost if self.drafter is not None else None)
+        self.speculator = None
+        if self.drafter is not None:
+            self.speculator = Speculator(args.num_speculative_tokens, args.speculative_adaptive,
+                                         draft_cost=self.drafter.cost, prompt_lacking=self.drafter.prompt_lacking)
+        elif args.speculative != "off":
+            self.speculator = Speculator(args.num_speculative_tokens, args.speculative_adaptive,
+                                         NgramDrafter(args.prompt_lookup_min, args.prompt_lookup_max))
         self.scheduler = Scheduler(args.max_num_seqs, args.max_num_batched_tokens, self.kv, self.speculator)
         self.max_model_len = min(adapter.max_context, args.max_model_len or adapter.max_context)
         self.eos_ids = frozenset(adapter.end_token_ids)

@@ -15,7 +15,8 @@ e more (its own steps). With B decode rows, a draft token costs c = (b + e) * B 
 share of the step, and a completion whose drafts are each accepted with probability alpha (measured)
 expects (1 - alpha**(k+1)) / ((1 - alpha) * (1 + k * c)) times the tokens per second of no drafts
 with k of them (stage3.md's formula): it drafts the k that maximises that, none when nothing beats 1.
-So busy batches, costly drafters and text without matches draft little or nothing (adaptive).
+A draft model first computes a completion's prompt (once): it starts only if that speedup over the
+completion's remaining tokens saves more than the prompt costs it. So busy batches, costly drafters and text without matches draft little or nothing (adaptive).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ DEFAULT_ROW_COST = 0.3
 # e / a before a draft model's steps are measured: the 0.5B default drafting for its 1.5B sibling.
 DEFAULT_DRAFT_COST = 0.4
 _STEP_MEMORY = 0.98  # forgetting factor of the step-cost fit (about the last 50 decode steps)
+_PROMPT_MEMORY = 0.8  # and of a prompt row's seconds
 _MEMORY = 0.8  # forgetting factor of a completion's acceptance counts
 _OVERALL_MEMORY = 0.99  # and of the engine-wide ones (they follow the workload, not one reply)
 _IDLE_DECAY = 0.95  # a completion not drafting drifts back to the engine-wide acceptance, so it probes again
@@ -49,6 +51,13 @@ class StepCost:
     def __init__(self):
         self.sums = np.zeros(5)  # weight, rows, seconds, rows^2, rows * seconds
         self.row_cost = DEFAULT_ROW_COST
+        self.prompt_row_seconds: Optional[float] = None  # a row of a prompt-sized piece, measured
+
+    def observe_prompt(self, rows: int, seconds: float) -> None:
+        """A piece of many rows per sequence (a prompt): its seconds per row, averaged over recent ones."""
+        rate = seconds / rows
+        old = self.prompt_row_seconds
+        self.prompt_row_seconds = rate if old is None else _PROMPT_MEMORY * old + (1.0 - _PROMPT_MEMORY) * rate
 
     def observe(self, rows: int, seconds: float) -> None:
         self.sums = _STEP_MEMORY * self.sums + np.array([1.0, rows, seconds, rows * rows, rows * seconds])
@@ -77,12 +86,14 @@ class _Acceptance:
 class Speculator:
     """How many drafts each decode row carries (adaptive k), and the counters of what verification accepted.
 
-    ngram: the n-gram drafter, or None for a draft model, whose step costs `draft_cost` measures.
+    ngram: the n-gram drafter, or None for a draft model, whose step costs `draft_cost` measures and
+    which must first compute `prompt_lacking(c)` tokens of a completion's prompt to draft for it.
     """
 
     def __init__(self, k: int, adaptive: bool, ngram: Optional[NgramDrafter] = None,
-                 draft_cost: Optional[StepCost] = None):
+                 draft_cost: Optional[StepCost] = None, prompt_lacking: Callable[[Completion], int] = lambda c: 0):
         self.k, self.adaptive, self.ngram, self.draft_cost = k, adaptive, ngram, draft_cost
+        self.prompt_lacking = prompt_lacking
         self.counters = SpecCounters()
         self.cost = StepCost()
         # Engine-wide, from an even prior; a draft model of the target's family agrees far more often
@@ -116,7 +127,28 @@ class Speculator:
         alpha = (state.accepted + _PRIOR_WEIGHT * prior) / (state.accepted + state.rejected + _PRIOR_WEIGHT)
         r = self.cost.row_cost
         cost = (r + self._draft_token_cost(batch)) * batch / (1.0 + r * batch)
-        return max(range(self.k + 1), key=lambda k: expected_speedup(alpha, k, cost))
+        k = max(range(self.k + 1), key=lambda k: expected_speedup(alpha, k, cost))
+        if k == 0:
+            return 0
+        # A draft model lacking c's prompt computes it before its first draft: a cost paid once, worth it
+        # only if the expected saving over c's remaining tokens (at most) is larger. Units: the target's a.
+        lacking = self.prompt_lacking(c)
+        if lacking:
+            row_share = (1.0 + r * batch) / batch
+            remaining = c.request.max_output - len(c.output_ids)
+            saving = remaining * row_share * (1.0 - 1.0 / expected_speedup(alpha, k, cost))
+            if saving <= lacking * self._prompt_row_cost():
+                return 0
+        return k
+
+    def _prompt_row_cost(self) -> float:
+        """A row of a prompt in the draft model, against the target's a: measured, or until then its
+        decode steps' cost of one more row (a prompt's row costs less: an upper bound)."""
+        target, draft = self.cost.base, self.draft_cost.base
+        if target is None or draft is None:
+            return DEFAULT_DRAFT_COST * DEFAULT_ROW_COST
+        rate = self.draft_cost.prompt_row_seconds
+        return (rate if rate is not None else draft * self.draft_cost.row_cost) / target
 
     def _draft_token_cost(self, batch: int) -> float:
         """e / a: a draft model's step per drafting row (`batch` of them share it) against the target's a."""
