@@ -517,6 +517,8 @@ def test_a_draft_model_lacking_the_prompt_starts_only_where_it_pays_for_it():
     assert drafts(500, 128, 8, lacking=500) == 0  # ~0.06 a a token at batch 8: 128 do not
     assert drafts(500, 4096, 8, lacking=500) > 0  # 4,096 would
     assert drafts(500, 128, 8, lacking=0) > 0  # and once it holds the prompt, drafts are the usual choice
+    draft.prompt_row_seconds = None
+    assert drafts(500, 128, 8, lacking=500) > 0  # unmeasured: the first prompt it computes measures it
 
 
 

@@ -142,13 +142,10 @@ class Speculator:
         return k
 
     def _prompt_row_cost(self) -> float:
-        """A row of a prompt in the draft model, against the target's a: measured, or until then its
-        decode steps' cost of one more row (a prompt's row costs less: an upper bound)."""
-        target, draft = self.cost.base, self.draft_cost.base
-        if target is None or draft is None:
-            return DEFAULT_DRAFT_COST * DEFAULT_ROW_COST
-        rate = self.draft_cost.prompt_row_seconds
-        return (rate if rate is not None else draft * self.draft_cost.row_cost) / target
+        """A row of a prompt in the draft model, against the target's a; 0 until measured: the first
+        prompt it computes measures it (a guess could keep it from ever starting)."""
+        target, rate = self.cost.base, self.draft_cost.prompt_row_seconds
+        return 0.0 if target is None or rate is None else rate / target
 
     def _draft_token_cost(self, batch: int) -> float:
         """e / a: a draft model's step per drafting row (`batch` of them share it) against the target's a."""
